@@ -1,0 +1,164 @@
+//! `lamcr run`: parse the job, start the launcher, return the job's exit status.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::launcher::parse::{self, Placement};
+use crate::launcher::{Launcher, RunOptions, Start};
+use crate::schema::{IoOptions, JobId, Rank, StdinTarget};
+
+/// Options that take a value (so the program name can be told apart from option values).
+pub const VALUE_OPTIONS: &[&str] = &[
+    "-n",
+    "--np",
+    "-x",
+    "--wdir",
+    "--wd",
+    "--app",
+    "--hostfile",
+    "--machinefile",
+    "--host",
+    "-H",
+    "--stdin",
+    "--output-filename",
+    "--ckpt-dir",
+    "--grace",
+];
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Number of ranks (also -np).
+    #[arg(short = 'n', long = "np", value_name = "N")]
+    pub np: Option<u32>,
+    /// LAM appschema file: one `[-np N] [-wd DIR] [-x VAR[=VAL]] program args` per line.
+    #[arg(long, value_name = "FILE")]
+    pub app: Option<PathBuf>,
+    /// Export an environment variable to the ranks (repeatable).
+    #[arg(short = 'x', value_name = "VAR[=VAL]")]
+    pub export: Vec<String>,
+    /// Working directory of the ranks (also -wd).
+    #[arg(long = "wdir", alias = "wd", value_name = "DIR")]
+    pub wdir: Option<String>,
+    /// Hostfile: `host slots=N` per line.
+    #[arg(long, alias = "machinefile", value_name = "FILE")]
+    pub hostfile: Option<PathBuf>,
+    /// Hosts: `h1:2,h2`.
+    #[arg(long, short = 'H', value_name = "LIST")]
+    pub host: Option<String>,
+    /// Allow more ranks than slots.
+    #[arg(long)]
+    pub oversubscribe: bool,
+    /// Which rank gets the launcher's stdin: a rank number, `all` or `none`.
+    #[arg(long, default_value = "0", value_parser = parse_stdin)]
+    pub stdin: StdinTarget,
+    /// Prefix each line with `[R]<stdout>: ` / `[R]<stderr>: `.
+    #[arg(long)]
+    pub tag_output: bool,
+    /// Prefix each line with `R: `.
+    #[arg(short = 'l', long)]
+    pub label: bool,
+    /// Prefix each line with a timestamp.
+    #[arg(long)]
+    pub timestamp_output: bool,
+    /// Also write DIR/rank.R/stdout and DIR/rank.R/stderr.
+    #[arg(long, value_name = "DIR")]
+    pub output_filename: Option<String>,
+    /// Print every rank's exit status at the end.
+    #[arg(long)]
+    pub print_all_exitcodes: bool,
+    /// Checkpoint root [default: $LAMCR_CKPT_DIR or ~/.lamcr/checkpoints].
+    #[arg(long, value_name = "DIR")]
+    pub ckpt_dir: Option<PathBuf>,
+    /// Time between SIGTERM and SIGKILL when the job is stopped.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    pub grace: Duration,
+    /// The program and its arguments; `:` separates MPMD contexts.
+    #[arg(
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        value_name = "PROGRAM [ARGS]... [: ...]"
+    )]
+    pub command: Vec<String>,
+}
+
+fn parse_stdin(s: &str) -> Result<StdinTarget, String> {
+    match s {
+        "all" => Ok(StdinTarget::All),
+        "none" => Ok(StdinTarget::None),
+        r => r
+            .parse()
+            .map(|r| StdinTarget::Rank(Rank(r)))
+            .map_err(|_| format!("expected all, none or a rank number, not {r:?}")),
+    }
+}
+
+pub fn main(a: RunArgs) -> i32 {
+    match prepare(&a) {
+        Ok((spec, opts)) => match Launcher::new(spec, opts, Start::Launch) {
+            Ok(l) => l.run(),
+            Err(e) => {
+                eprintln!("lamcr: {}", crate::error_chain(&e));
+                1
+            }
+        },
+        Err(msg) => {
+            eprintln!("lamcr: {msg}");
+            2
+        }
+    }
+}
+
+fn prepare(a: &RunArgs) -> Result<(crate::schema::JobSpec, RunOptions), String> {
+    if a.np == Some(0) {
+        return Err(parse::ParseError::ZeroRanks.to_string());
+    }
+    let contexts = match (&a.app, a.command.is_empty()) {
+        (Some(file), true) => {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?;
+            parse::parse_appschema(&text, &file.display().to_string()).map_err(|e| e.to_string())?
+        }
+        (Some(_), false) => return Err("give either --app FILE or a program, not both".into()),
+        (None, true) => return Err(parse::ParseError::NoProgram.to_string()),
+        (None, false) => parse::split_contexts(&a.command).map_err(|e| e.to_string())?,
+    };
+    let mut hosts = Vec::new();
+    if let Some(f) = &a.hostfile {
+        let text =
+            std::fs::read_to_string(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        hosts.extend(
+            parse::parse_hostfile(&text, &f.display().to_string()).map_err(|e| e.to_string())?,
+        );
+    }
+    if let Some(h) = &a.host {
+        hosts.extend(parse::parse_host_list(h).map_err(|e| e.to_string())?);
+    }
+    let place = Placement {
+        hosts,
+        oversubscribe: a.oversubscribe,
+        default_np: a.np,
+        global_env: a.export.iter().map(|x| parse::parse_export(x)).collect(),
+        global_wdir: a.wdir.clone(),
+    };
+    let io = IoOptions {
+        stdin: a.stdin,
+        tag_output: a.tag_output,
+        label: a.label,
+        timestamp: a.timestamp_output,
+        output_dir: a.output_filename.clone(),
+    };
+    let spec = parse::build_job(JobId::fresh(std::process::id()), &contexts, &place, io)
+        .map_err(|e| e.to_string())?;
+    let opts = RunOptions {
+        print_all_exitcodes: a.print_all_exitcodes,
+        grace: a.grace,
+        ckpt_dir: a
+            .ckpt_dir
+            .clone()
+            .unwrap_or_else(crate::launcher::commit::default_ckpt_dir),
+        launcher_argv: std::env::args().collect(),
+    };
+    Ok((spec, opts))
+}

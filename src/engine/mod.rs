@@ -1,0 +1,2 @@
+//! Checkpoint engines. Today: [`criu`], which dumps and restores whole process trees.
+pub mod criu;

@@ -1,0 +1,238 @@
+//! The launcher's checkpoint handlers, after LAM/MPI's design.
+//!
+//! - The **sync handler** runs in signal context: it only writes the signal number to the main
+//!   loop's self-pipe ([`crate::sys::install_signal_pipe`]), which interrupts the loop's blocking
+//!   `poll`. The loop then decides what the signal means.
+//! - The **async handler** is a thread. For each (coalesced) request it allocates the next epoch
+//!   directory, starts the **helper** process (`lamcr helper`, fork+exec, see [`helper`]) that
+//!   orders every lamd to dump and waits for all of them, and meanwhile builds the **restart
+//!   schema** in memory. When the helper reports, it commits the manifest (or abandons the epoch)
+//!   and wakes the main loop with the outcome.
+//!
+//! Requests made while the job starts or stops are held by the main loop (its critical section)
+//! and handed over once the job runs; requests arriving while one is queued join it.
+
+pub mod helper;
+
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::launcher::commit;
+use crate::schema::manifest::Manifest;
+use crate::schema::{Epoch, JobSpec, NodeId, RestartSchema};
+
+/// What the async handler needs to take a checkpoint of the job.
+#[derive(Clone)]
+pub struct CheckpointContext {
+    pub job: JobSpec,
+    pub ckpt_dir: PathBuf,
+    pub launcher_argv: Vec<String>,
+    /// Each node's lamd listening socket.
+    pub nodes: Vec<(NodeId, PathBuf)>,
+}
+
+/// One request: who waits for it (a control connection id) and whether to end the job after.
+#[derive(Debug, Clone, Copy)]
+pub struct Request {
+    pub waiter: Option<u64>,
+    pub term: bool,
+}
+
+/// A committed checkpoint.
+#[derive(Debug, Clone)]
+pub struct Committed {
+    pub epoch: Epoch,
+    pub path: PathBuf,
+    pub bytes: u64,
+    pub ranks: usize,
+    pub elapsed: Duration,
+    /// The slowest node's dump time.
+    pub dump_ms: u64,
+}
+
+/// The result of one checkpoint, for every request it served.
+#[derive(Debug)]
+pub struct Outcome {
+    pub result: Result<Committed, String>,
+    pub requests: Vec<Request>,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    cv: Condvar,
+    outcomes: Mutex<Vec<Outcome>>,
+}
+
+#[derive(Default)]
+struct Queue {
+    requests: Vec<Request>,
+    quit: bool,
+}
+
+/// Handle to the async handler thread.
+pub struct AsyncHandler {
+    shared: Arc<Shared>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl AsyncHandler {
+    /// Starts the thread. `wake` is written one byte after each outcome.
+    pub fn start(ctx: CheckpointContext, wake: OwnedFd) -> Self {
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            cv: Condvar::new(),
+            outcomes: Mutex::new(Vec::new()),
+        });
+        let s = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("lamcr-ckpt".into())
+            .spawn(move || run(ctx, s, wake))
+            .expect("spawning the checkpoint thread");
+        Self {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    /// Queues a request; it joins any request not yet started.
+    pub fn request(&self, req: Request) {
+        self.shared.queue.lock().requests.push(req);
+        self.shared.cv.notify_one();
+    }
+
+    /// Outcomes ready since the last call.
+    pub fn take_outcomes(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.shared.outcomes.lock())
+    }
+
+    /// Stops the thread after the checkpoint in progress, if any.
+    pub fn stop(&mut self) -> Vec<Request> {
+        let left = {
+            let mut q = self.shared.queue.lock();
+            q.quit = true;
+            std::mem::take(&mut q.requests)
+        };
+        self.shared.cv.notify_one();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        left
+    }
+}
+
+fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
+    loop {
+        let requests = {
+            let mut q = shared.queue.lock();
+            while q.requests.is_empty() && !q.quit {
+                shared.cv.wait(&mut q);
+            }
+            if q.quit {
+                return;
+            }
+            std::mem::take(&mut q.requests)
+        };
+        let result = checkpoint(&ctx);
+        shared.outcomes.lock().push(Outcome { result, requests });
+        let _ = nix::unistd::write(&wake, &[1u8]);
+        let _ = wake.as_raw_fd();
+    }
+}
+
+/// Takes one checkpoint of the whole job.
+fn checkpoint(ctx: &CheckpointContext) -> Result<Committed, String> {
+    let started = Instant::now();
+    let (epoch, dir) = commit::allocate_epoch(&ctx.ckpt_dir, &ctx.job.job_id)
+        .map_err(|e| crate::error_chain(&e))?;
+    let mut cmd = Command::new("/proc/self/exe");
+    cmd.arg0("lamcr")
+        .arg("helper")
+        .arg("--job")
+        .arg(&ctx.job.job_id.0)
+        .arg("--epoch")
+        .arg(epoch.0.to_string())
+        .arg("--dir")
+        .arg(&dir);
+    for (node, sock) in &ctx.nodes {
+        cmd.arg("--node").arg(format!("{node}={}", sock.display()));
+    }
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn();
+    let child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            commit::abandon(&dir);
+            return Err(format!("cannot start the checkpoint helper: {e}"));
+        }
+    };
+    // While the helper drives the dumps, build the restart schema.
+    let mut schema = RestartSchema {
+        job: ctx.job.clone(),
+        epoch,
+        ckpt_dir: ctx.ckpt_dir.display().to_string(),
+        launcher_argv: ctx.launcher_argv.clone(),
+        nodes: Vec::new(),
+        created_unix: 0,
+    };
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("checkpoint helper failed: {e}"))?;
+    let report: helper::Report = match crate::schema::codec::decode(&output.stdout) {
+        Ok(r) => r,
+        Err(_) => {
+            commit::abandon(&dir);
+            return Err(format!(
+                "checkpoint helper exited with {} without a report",
+                output.status
+            ));
+        }
+    };
+    let mut files = Vec::new();
+    let mut failures = Vec::new();
+    let mut dump_ms = 0;
+    for node in report.nodes {
+        match node.result {
+            Ok(done) => {
+                dump_ms = dump_ms.max(done.dump_ms);
+                files.extend(done.files);
+                schema.nodes.push(done.image);
+            }
+            Err(reason) => failures.push(format!("node {}: {reason}", node.node)),
+        }
+    }
+    if !failures.is_empty() {
+        commit::abandon(&dir);
+        return Err(failures.join("; "));
+    }
+    schema.nodes.sort_by_key(|n| n.node);
+    schema.created_unix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let manifest = Manifest { schema, files };
+    let bytes = match commit::commit(&dir, &manifest) {
+        Ok(b) => b,
+        Err(e) => {
+            commit::abandon(&dir);
+            return Err(crate::error_chain(&e));
+        }
+    };
+    Ok(Committed {
+        epoch,
+        path: dir,
+        bytes,
+        ranks: ctx.job.ranks.len(),
+        elapsed: started.elapsed(),
+        dump_ms,
+    })
+}
+
+use std::os::unix::process::CommandExt;

@@ -1,0 +1,232 @@
+//! The holder: one small process per job per node that forks the node's ranks and reaps them.
+//!
+//! lamd starts it (`lamcr holder`) as the init of a fresh PID namespace when it can (root), as a
+//! session leader inside that namespace, with its stdio on /dev/null. It is the root of the tree
+//! CRIU dumps: ranks that may share memory are dumped together, restored pids can never collide
+//! with pids in use, and a SIGKILL to the holder takes every rank with it.
+//!
+//! Fds: 3 = control pipe from lamd (commands), 4 = status pipe to lamd (events). Both are
+//! replaced by fresh pipes when CRIU restores the holder under a new lamd. The ranks' stdio pipe
+//! ends arrive at the fds named in the spawn command and are closed here once the ranks run.
+//!
+//! The holder never outlives lamd: EOF on the control pipe kills the ranks and ends the holder
+//! (and with a PID namespace the kernel also kills everything when the holder dies).
+
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+
+use bincode::{Decode, Encode};
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::schema::wire::{Frame, FrameReader, Outbox};
+use crate::schema::{ExitStatus, Rank};
+use crate::sys::{SpawnSpec, install_signal_pipe, spawn};
+
+pub const CONTROL_FD: RawFd = 3;
+pub const STATUS_FD: RawFd = 4;
+
+/// One rank to start, with the holder-side fd numbers of its stdio pipe ends.
+#[derive(Debug, Clone, Encode, Decode)]
+pub struct HolderRank {
+    pub rank: Rank,
+    pub program: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+    /// None: /dev/null.
+    pub stdin_fd: Option<RawFd>,
+    pub stdout_fd: RawFd,
+    pub stderr_fd: RawFd,
+}
+
+/// lamd -> holder.
+#[derive(Debug, Clone, Encode, Decode)]
+pub enum HolderCommand {
+    Spawn { ranks: Vec<HolderRank> },
+    Signal { signal: i32 },
+    Kill,
+}
+
+/// holder -> lamd.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum HolderEvent {
+    Spawned { rank: Rank, pid: i32 },
+    SpawnFailed { rank: Rank, errno: i32 },
+    Exited { rank: Rank, status: ExitStatus },
+}
+
+/// Runs the holder. Never returns.
+pub fn main() -> ! {
+    let code = match run() {
+        Ok(()) => 0,
+        Err(_) => 1,
+    };
+    std::process::exit(code)
+}
+
+fn run() -> std::io::Result<()> {
+    // SAFETY-free: these fds were mapped by lamd; taking ownership is the holder's contract.
+    let control = own_fd(CONTROL_FD);
+    let status = own_fd(STATUS_FD);
+    nix::fcntl::fcntl(
+        &status,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    nix::fcntl::fcntl(
+        &control,
+        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+    )?;
+    if nix::unistd::getpid().as_raw() != 1 {
+        // Not a namespace init: still be the reaper of the ranks' orphans.
+        let _ = nix::sys::prctl::set_child_subreaper(true);
+    }
+    let (sig_r, sig_w) =
+        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
+    install_signal_pipe(&[libc::SIGCHLD], std::os::fd::AsRawFd::as_raw_fd(&sig_w))?;
+    crate::sys::ignore_sigpipe();
+
+    let mut reader = FrameReader::new();
+    let mut out = Outbox::default();
+    let mut live: BTreeMap<i32, Rank> = BTreeMap::new();
+    let mut spawned = false;
+    let mut control_open = true;
+    loop {
+        reap(&mut live, &mut out);
+        if spawned && live.is_empty() && out.pending() == 0 {
+            return Ok(());
+        }
+        if !control_open {
+            for pid in live.keys() {
+                let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+            }
+            if live.is_empty() {
+                return Ok(());
+            }
+        }
+        let mut fds = vec![PollFd::new(sig_r.as_fd(), PollFlags::POLLIN)];
+        if control_open {
+            fds.push(PollFd::new(control.as_fd(), PollFlags::POLLIN));
+        }
+        let want_out = out.pending() > 0;
+        if want_out {
+            fds.push(PollFd::new(status.as_fd(), PollFlags::POLLOUT));
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        drain(sig_r.as_fd());
+        if control_open {
+            match reader.fill(control.as_fd()) {
+                Ok(true) => {}
+                Ok(false) | Err(_) => control_open = false,
+            }
+            while let Ok(Some(Frame::Message(cmd))) = reader.next::<HolderCommand>() {
+                match cmd {
+                    HolderCommand::Spawn { ranks } => {
+                        spawn_ranks(&ranks, &mut live, &mut out);
+                        spawned = true;
+                    }
+                    HolderCommand::Signal { signal } => {
+                        for pid in live.keys() {
+                            let _ = nix::sys::signal::kill(
+                                Pid::from_raw(*pid),
+                                Signal::try_from(signal).ok(),
+                            );
+                        }
+                    }
+                    HolderCommand::Kill => {
+                        for pid in live.keys() {
+                            let _ = kill(Pid::from_raw(*pid), Signal::SIGKILL);
+                        }
+                    }
+                }
+            }
+        }
+        if out.pending() > 0 && out.flush(status.as_fd()).is_err() {
+            // lamd is gone: nobody can report our ranks any more.
+            control_open = false;
+        }
+    }
+}
+
+fn own_fd(fd: RawFd) -> OwnedFd {
+    crate::sys::take_inherited_fd(fd)
+}
+
+fn drain(fd: BorrowedFd<'_>) {
+    let mut buf = [0u8; 64];
+    while matches!(nix::unistd::read(fd, &mut buf), Ok(n) if n > 0) {}
+}
+
+fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut Outbox) {
+    let devnull = std::fs::File::open("/dev/null").ok();
+    for r in ranks {
+        let stdin = r
+            .stdin_fd
+            .or_else(|| devnull.as_ref().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)));
+        let mut fds = vec![(r.stdout_fd, 1), (r.stderr_fd, 2)];
+        if let Some(fd) = stdin {
+            fds.push((fd, 0));
+        }
+        let spec = SpawnSpec {
+            program: r.program.clone().into(),
+            argv: r.argv.iter().map(Into::into).collect(),
+            env: r.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            fds,
+            cwd: Some(r.cwd.clone().into()),
+            close_stdio: true,
+            ..Default::default()
+        };
+        match spawn(&spec) {
+            Ok(pid) => {
+                live.insert(pid.as_raw(), r.rank);
+                out.push(&HolderEvent::Spawned {
+                    rank: r.rank,
+                    pid: pid.as_raw(),
+                });
+            }
+            Err(e) => {
+                out.push(&HolderEvent::SpawnFailed {
+                    rank: r.rank,
+                    errno: e.raw_os_error().unwrap_or(0),
+                });
+                out.push(&HolderEvent::Exited {
+                    rank: r.rank,
+                    status: ExitStatus::Code(127),
+                });
+            }
+        }
+    }
+    // The ranks hold their ends now; lamd holds the others. Ours must go, or EOF never comes.
+    for r in ranks {
+        for fd in [r.stdin_fd, Some(r.stdout_fd), Some(r.stderr_fd)]
+            .into_iter()
+            .flatten()
+        {
+            drop(own_fd(fd));
+        }
+    }
+}
+
+fn reap(live: &mut BTreeMap<i32, Rank>, out: &mut Outbox) {
+    loop {
+        match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(pid, code)) => report(live, out, pid, ExitStatus::Code(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) => {
+                report(live, out, pid, ExitStatus::Signal(sig as i32))
+            }
+            Ok(WaitStatus::StillAlive) | Err(_) => return,
+            Ok(_) => continue,
+        }
+    }
+}
+
+fn report(live: &mut BTreeMap<i32, Rank>, out: &mut Outbox, pid: Pid, status: ExitStatus) {
+    if let Some(rank) = live.remove(&pid.as_raw()) {
+        out.push(&HolderEvent::Exited { rank, status });
+    }
+}

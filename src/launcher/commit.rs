@@ -1,0 +1,256 @@
+//! Checkpoint storage: `DIR/<jobid>/<epoch>/` with one `nodeN/` image directory per node and a
+//! `manifest` written last (write, fsync, rename, fsync the directory). An epoch directory without
+//! a manifest is not a checkpoint. Every directory lamcr creates here is 0700: images hold
+//! process memory.
+
+use std::fs::DirBuilder;
+use std::io::{Read, Write};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+
+use crate::schema::manifest::{FILE_NAME, Manifest, ManifestError};
+use crate::schema::{Epoch, JobId};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot create {path}")]
+    Create {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: no such checkpoint")]
+    Missing { path: PathBuf },
+    #[error("{path}: no committed checkpoint in this job directory")]
+    NoEpoch { path: PathBuf },
+    #[error("{path}: holds {count} jobs; name one of them")]
+    Ambiguous { path: PathBuf, count: usize },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {source}")]
+    Manifest {
+        path: PathBuf,
+        source: ManifestError,
+    },
+    #[error("{path}: missing image file")]
+    ImageMissing { path: PathBuf },
+    #[error("{path}: image is {actual} bytes, the manifest says {expected}")]
+    ImageSize {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: image checksum mismatch (corrupt)")]
+    ImageChecksum { path: PathBuf },
+    #[error("{path}: manifest names a file outside the checkpoint")]
+    Escapes { path: PathBuf },
+}
+
+/// The default checkpoint root: `$LAMCR_CKPT_DIR`, else `$HOME/.lamcr/checkpoints`.
+pub fn default_ckpt_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("LAMCR_CKPT_DIR") {
+        return d.into();
+    }
+    let home = std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
+    home.join(".lamcr").join("checkpoints")
+}
+
+fn private_dir(path: &Path, recursive: bool) -> Result<(), StoreError> {
+    DirBuilder::new()
+        .mode(0o700)
+        .recursive(recursive)
+        .create(path)
+        .map_err(|source| StoreError::Create {
+            path: path.to_path_buf(),
+            source,
+        })
+}
+
+/// Committed epochs of a job directory, oldest first.
+pub fn committed_epochs(job_dir: &Path) -> Vec<(Epoch, PathBuf)> {
+    let mut out: Vec<(Epoch, PathBuf)> = std::fs::read_dir(job_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let n: u64 = e.file_name().to_str()?.parse().ok()?;
+            let p = e.path();
+            p.join(FILE_NAME).is_file().then_some((Epoch(n), p))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Creates the next epoch directory of a job: one more than any epoch directory present.
+pub fn allocate_epoch(ckpt_dir: &Path, job: &JobId) -> Result<(Epoch, PathBuf), StoreError> {
+    private_dir(ckpt_dir, true)?;
+    let job_dir = ckpt_dir.join(&job.0);
+    if !job_dir.is_dir() {
+        private_dir(&job_dir, false)?;
+    }
+    let next = std::fs::read_dir(&job_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let dir = job_dir.join(next.to_string());
+    private_dir(&dir, false)?;
+    Ok((Epoch(next), dir))
+}
+
+/// Writes the manifest last and renames it into place: the checkpoint now exists.
+pub fn commit(epoch_dir: &Path, manifest: &Manifest) -> Result<u64, StoreError> {
+    let tmp = epoch_dir.join(format!("{FILE_NAME}.tmp"));
+    let path = epoch_dir.join(FILE_NAME);
+    let bytes = manifest.to_bytes();
+    let werr = |source| StoreError::Write {
+        path: tmp.clone(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .map_err(werr)?;
+    f.write_all(&bytes).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    std::fs::rename(&tmp, &path).map_err(|source| StoreError::Write {
+        path: path.clone(),
+        source,
+    })?;
+    if let Ok(d) = std::fs::File::open(epoch_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(manifest.files.iter().map(|f| f.size).sum())
+}
+
+/// Removes an uncommitted epoch directory.
+pub fn abandon(epoch_dir: &Path) {
+    let _ = std::fs::remove_dir_all(epoch_dir);
+}
+
+/// Deletes committed epochs older than the newest `keep`.
+pub fn prune(job_dir: &Path, keep: usize) {
+    let epochs = committed_epochs(job_dir);
+    if epochs.len() > keep {
+        for (_, dir) in &epochs[..epochs.len() - keep] {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Size and xxh3-64 of a file.
+pub fn hash_file(path: &Path) -> std::io::Result<(u64, u64)> {
+    let mut f = std::fs::File::open(path)?;
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut size = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        size += n as u64;
+        h.update(&buf[..n]);
+    }
+    Ok((size, h.digest()))
+}
+
+/// Finds the epoch directory `path` names: an epoch directory, a job directory (its newest
+/// committed epoch) or a checkpoint root holding exactly one job.
+pub fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Missing {
+            path: path.to_path_buf(),
+        });
+    }
+    if path.join(FILE_NAME).exists()
+        || path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.parse::<u64>().is_ok())
+    {
+        return Ok(path.to_path_buf());
+    }
+    if let Some((_, newest)) = committed_epochs(path).pop() {
+        return Ok(newest);
+    }
+    let jobs: Vec<PathBuf> = std::fs::read_dir(path)
+        .map_err(|source| StoreError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir() && !committed_epochs(p).is_empty())
+        .collect();
+    match jobs.len() {
+        0 => Err(StoreError::NoEpoch {
+            path: path.to_path_buf(),
+        }),
+        1 => Ok(committed_epochs(&jobs[0]).pop().expect("non-empty").1),
+        count => Err(StoreError::Ambiguous {
+            path: path.to_path_buf(),
+            count,
+        }),
+    }
+}
+
+/// Reads and fully verifies a checkpoint: the manifest, then every image file's size and checksum.
+pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
+    let mpath = epoch_dir.join(FILE_NAME);
+    let bytes = std::fs::read(&mpath).map_err(|source| match source.kind() {
+        std::io::ErrorKind::NotFound => StoreError::Missing {
+            path: mpath.clone(),
+        },
+        _ => StoreError::Read {
+            path: mpath.clone(),
+            source,
+        },
+    })?;
+    let manifest = Manifest::from_bytes(&bytes).map_err(|source| StoreError::Manifest {
+        path: mpath.clone(),
+        source,
+    })?;
+    for f in &manifest.files {
+        let rel = Path::new(&f.path);
+        if rel.is_absolute()
+            || rel
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(StoreError::Escapes { path: mpath });
+        }
+        let path = epoch_dir.join(rel);
+        let meta = std::fs::metadata(&path)
+            .map_err(|_| StoreError::ImageMissing { path: path.clone() })?;
+        if meta.len() != f.size {
+            return Err(StoreError::ImageSize {
+                path,
+                expected: f.size,
+                actual: meta.len(),
+            });
+        }
+        let (_, sum) = hash_file(&path).map_err(|source| StoreError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        if sum != f.xxh3 {
+            return Err(StoreError::ImageChecksum { path });
+        }
+    }
+    Ok(manifest)
+}

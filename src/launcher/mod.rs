@@ -1,0 +1,875 @@
+//! The launcher (`lamcr run`, `lamcr restart`): an mpirun.
+//!
+//! It starts one lamd per node (locally: fork/exec of itself with a socketpair), sends each its
+//! ranks (or, on restart, its part of the checkpoint), forwards stdin to the chosen ranks, writes
+//! the ranks' output, collects exit statuses, turns signals into job actions, and serves
+//! checkpoint requests through the handlers. It never forks ranks itself.
+//!
+//! One poll loop. Its fds: the signal self-pipe (sync handler), each lamd connection, stdin, the
+//! control socket, accepted control connections, and the async handler's wake-up pipe.
+
+pub mod commit;
+pub mod control;
+pub mod output;
+pub mod parse;
+
+use std::collections::{BTreeMap, HashMap};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use crate::handlers::{AsyncHandler, CheckpointContext, Outcome, Request};
+use crate::schema::wire::{
+    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Role,
+    ToDaemon, ToLauncher,
+};
+use crate::schema::{ExitStatus, JobSpec, NodeId, NodeImage, Rank, RankImage, Stream};
+use control::{JobInfo, RunDir};
+use output::OutputSink;
+
+/// Most stdin bytes in flight to one node before the launcher waits for acknowledgements.
+const STDIN_WINDOW: u64 = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("cannot create the run directory")]
+    RunDir(#[source] std::io::Error),
+    #[error("cannot start lamd for node {node}")]
+    Daemon {
+        node: NodeId,
+        source: std::io::Error,
+    },
+    #[error("system call failed")]
+    Sys(#[from] Errno),
+    #[error(transparent)]
+    Output(#[from] output::OutputFileError),
+    #[error("i/o failed")]
+    Io(#[from] std::io::Error),
+}
+
+/// Options of a run that are not part of the job spec.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub print_all_exitcodes: bool,
+    pub grace: Duration,
+    pub ckpt_dir: PathBuf,
+    pub launcher_argv: Vec<String>,
+}
+
+/// How the job is to be started.
+pub enum Start {
+    /// Fresh ranks.
+    Launch,
+    /// From a checkpoint: the epoch directory and each node's image.
+    Restore {
+        epoch_dir: PathBuf,
+        nodes: Vec<NodeImage>,
+    },
+}
+
+/// Why the job failed (the first failure decides the exit status).
+#[derive(Debug, Clone)]
+enum Failure {
+    Rank { rank: Rank, status: ExitStatus },
+    NodeLost { node: NodeId },
+    Signal { signal: i32 },
+    Start { reason: String },
+}
+
+impl Failure {
+    fn exit_code(&self) -> i32 {
+        match self {
+            Failure::Rank { status, .. } => status.exit_code(),
+            Failure::NodeLost { .. } => 1,
+            Failure::Signal { signal } => 128 + signal,
+            Failure::Start { .. } => 1,
+        }
+    }
+}
+
+struct Node {
+    id: NodeId,
+    pid: Pid,
+    fd: OwnedFd,
+    reader: FrameReader,
+    out: Outbox,
+    started: bool,
+    gone: bool,
+    stdin_inflight: u64,
+}
+
+struct ControlConn {
+    fd: OwnedFd,
+    reader: FrameReader,
+    out: Outbox,
+    greeted: bool,
+    closing: bool,
+}
+
+/// Job state, as an enum carrying what each state needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Daemons starting ranks; checkpoint requests are held.
+    Starting,
+    Running,
+    /// Ranks are being stopped; no new checkpoints.
+    Stopping,
+}
+
+pub struct Launcher {
+    spec: JobSpec,
+    opts: RunOptions,
+    run_dir: RunDir,
+    nodes: Vec<Node>,
+    sink: OutputSink,
+    signals: OwnedFd,
+    statuses: BTreeMap<Rank, ExitStatus>,
+    failure: Option<Failure>,
+    state: State,
+    interrupts: u32,
+    stdin_open: bool,
+    stdin_targets: Vec<Rank>,
+    control: UnixListener,
+    conns: HashMap<u64, ControlConn>,
+    next_conn: u64,
+    held: Vec<Request>,
+    handler: AsyncHandler,
+    wake: OwnedFd,
+    info: JobInfo,
+    terminated_by_checkpoint: bool,
+    start: Start,
+}
+
+impl Launcher {
+    /// Sets up signals, the run directory and the daemons. Signal handlers are registered before
+    /// any thread starts.
+    pub fn new(spec: JobSpec, opts: RunOptions, start: Start) -> Result<Self, LaunchError> {
+        let (sig_r, sig_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        crate::sys::install_signal_pipe(
+            &[
+                libc::SIGINT,
+                libc::SIGTERM,
+                libc::SIGHUP,
+                libc::SIGUSR1,
+                libc::SIGUSR2,
+                libc::SIGCONT,
+                libc::SIGTSTP,
+                libc::SIGCHLD,
+            ],
+            sig_w.as_raw_fd(),
+        )?;
+        std::mem::forget(sig_w);
+        crate::sys::ignore_sigpipe();
+        let run_dir = RunDir::create(&spec.job_id).map_err(LaunchError::RunDir)?;
+        let control = UnixListener::bind(run_dir.control_socket()).map_err(LaunchError::RunDir)?;
+        control.set_nonblocking(true)?;
+        let (wake_r, wake_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        let ctx = CheckpointContext {
+            job: spec.clone(),
+            ckpt_dir: opts.ckpt_dir.clone(),
+            launcher_argv: opts.launcher_argv.clone(),
+            nodes: spec
+                .nodes
+                .iter()
+                .map(|n| (n.id, run_dir.node_socket(n.id.0)))
+                .collect(),
+        };
+        let handler = AsyncHandler::start(ctx, wake_w);
+        let mut sink = OutputSink::new(spec.io.clone());
+        let truncate: HashMap<Rank, (u64, u64)> = match &start {
+            Start::Restore { nodes, .. } => nodes
+                .iter()
+                .flat_map(|n| &n.ranks)
+                .map(|r| match r {
+                    RankImage::Running {
+                        rank,
+                        stdout_bytes,
+                        stderr_bytes,
+                        ..
+                    }
+                    | RankImage::Exited {
+                        rank,
+                        stdout_bytes,
+                        stderr_bytes,
+                        ..
+                    } => (*rank, (*stdout_bytes, *stderr_bytes)),
+                })
+                .collect(),
+            Start::Launch => HashMap::new(),
+        };
+        for r in &spec.ranks {
+            sink.open_files(r.rank, truncate.get(&r.rank).copied())?;
+        }
+        let stdin_targets: Vec<Rank> = spec
+            .ranks
+            .iter()
+            .filter(|r| r.stdin)
+            .map(|r| r.rank)
+            .collect();
+        let info = JobInfo {
+            job: spec.job_id.0.clone(),
+            pid: std::process::id(),
+            ranks: spec.ranks.len(),
+            nodes: spec.nodes.len(),
+            ckpt_dir: opts.ckpt_dir.display().to_string(),
+            latest: String::new(),
+        };
+        run_dir.write_info(&info);
+        let mut l = Self {
+            stdin_open: !stdin_targets.is_empty(),
+            stdin_targets,
+            spec,
+            opts,
+            run_dir,
+            nodes: Vec::new(),
+            sink,
+            signals: sig_r,
+            statuses: BTreeMap::new(),
+            failure: None,
+            state: State::Starting,
+            interrupts: 0,
+            control,
+            conns: HashMap::new(),
+            next_conn: 0,
+            held: Vec::new(),
+            handler,
+            wake: wake_r,
+            info,
+            terminated_by_checkpoint: false,
+            start,
+        };
+        if let Start::Restore { nodes, .. } = &l.start {
+            for n in nodes {
+                for r in &n.ranks {
+                    if let RankImage::Exited { rank, status, .. } = r {
+                        l.statuses.insert(*rank, *status);
+                    }
+                }
+            }
+        }
+        l.start_daemons()?;
+        Ok(l)
+    }
+
+    fn start_daemons(&mut self) -> Result<(), LaunchError> {
+        for node in self.spec.nodes.clone() {
+            let (ours, theirs) = socketpair(
+                AddressFamily::Unix,
+                SockType::Stream,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )?;
+            let work = self
+                .run_dir
+                .node_work_dir(node.id.0)
+                .map_err(LaunchError::RunDir)?;
+            let spec = crate::sys::SpawnSpec {
+                program: "/proc/self/exe".into(),
+                argv: vec![
+                    "lamcr".into(),
+                    "lamd".into(),
+                    "--node".into(),
+                    node.id.0.to_string().into(),
+                    "--job".into(),
+                    self.spec.job_id.0.clone().into(),
+                    "--fd".into(),
+                    "3".into(),
+                    "--listen".into(),
+                    self.run_dir.node_socket(node.id.0).into(),
+                    "--work-dir".into(),
+                    work.into(),
+                ],
+                env: std::env::vars_os().collect(),
+                fds: vec![(theirs.as_raw_fd(), 3)],
+                // Its own session: a terminal's ^C reaches the launcher only, which decides.
+                setsid: true,
+                ..Default::default()
+            };
+            let pid = crate::sys::spawn(&spec).map_err(|source| LaunchError::Daemon {
+                node: node.id,
+                source,
+            })?;
+            drop(theirs);
+            crate::lamd::nonblocking(ours.as_fd())?;
+            let mut n = Node {
+                id: node.id,
+                pid,
+                fd: ours,
+                reader: FrameReader::new(),
+                out: Outbox::default(),
+                started: false,
+                gone: false,
+                stdin_inflight: 0,
+            };
+            n.out.push(&ToDaemon::hello(
+                self.spec.job_id.clone(),
+                node.id,
+                Role::Launcher,
+            ));
+            let ranks: Vec<_> = self.spec.ranks_on(node.id).cloned().collect();
+            match &self.start {
+                Start::Launch => n.out.push(&ToDaemon::Launch { ranks }),
+                Start::Restore { epoch_dir, nodes } => {
+                    let image =
+                        nodes
+                            .iter()
+                            .find(|i| i.node == node.id)
+                            .cloned()
+                            .unwrap_or(NodeImage {
+                                node: node.id,
+                                images_dir: String::new(),
+                                control_pipe: 0,
+                                status_pipe: 0,
+                                pid_namespace: false,
+                                ranks: Vec::new(),
+                            });
+                    n.out.push(&ToDaemon::Restore {
+                        epoch_dir: epoch_dir.display().to_string(),
+                        image,
+                        ranks,
+                    });
+                }
+            }
+            let _ = n.out.flush(n.fd.as_fd());
+            self.nodes.push(n);
+        }
+        Ok(())
+    }
+
+    /// Runs the job to its end and returns the launcher's exit code.
+    pub fn run(mut self) -> i32 {
+        while !self.finished() {
+            if let Err(e) = self.poll_once() {
+                eprintln!("lamcr: {}", crate::error_chain(&e));
+                self.fail(Failure::Start {
+                    reason: e.to_string(),
+                });
+                self.kill_all();
+            }
+        }
+        self.shutdown()
+    }
+
+    fn finished(&self) -> bool {
+        let all_ranks = self.statuses.len() == self.spec.ranks.len();
+        all_ranks || self.nodes.iter().all(|n| n.gone)
+    }
+
+    fn shutdown(mut self) -> i32 {
+        for n in &mut self.nodes {
+            if !n.gone {
+                n.out.push(&ToDaemon::Shutdown);
+                let _ = n.out.flush_blocking(n.fd.as_fd(), 2000);
+            }
+        }
+        // Wait for each daemon to exit (bounded), draining any last output on the way.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        for i in 0..self.nodes.len() {
+            while !self.nodes[i].gone && Instant::now() < deadline {
+                let mut fds = [PollFd::new(self.nodes[i].fd.as_fd(), PollFlags::POLLIN)];
+                let _ = poll(&mut fds, PollTimeout::from(200u16));
+                self.on_node(i);
+            }
+            let pid = self.nodes[i].pid;
+            if waitpid(pid, Some(WaitPidFlag::WNOHANG)) == Ok(WaitStatus::StillAlive) {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+            }
+        }
+        for req in self
+            .handler
+            .stop()
+            .into_iter()
+            .chain(std::mem::take(&mut self.held))
+        {
+            self.reply(
+                req.waiter,
+                FromLauncher::Failed {
+                    reason: "the job ended before the checkpoint could be taken".into(),
+                },
+            );
+        }
+        for o in self.handler.take_outcomes() {
+            self.on_outcome(o);
+        }
+        for (_, c) in self.conns.iter_mut() {
+            let _ = c.out.flush_blocking(c.fd.as_fd(), 1000);
+        }
+        if self.terminated_by_checkpoint {
+            return 0;
+        }
+        if self.opts.print_all_exitcodes {
+            for r in &self.spec.ranks {
+                let s = self
+                    .statuses
+                    .get(&r.rank)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| "was lost".into());
+                eprintln!("lamcr: rank {} ({}) {s}", r.rank, r.argv[0]);
+            }
+        }
+        match &self.failure {
+            None => 0,
+            Some(f) => f.exit_code(),
+        }
+    }
+
+    fn fail(&mut self, f: Failure) {
+        if self.failure.is_some() {
+            return;
+        }
+        match &f {
+            Failure::Rank { rank, status } => {
+                let node = self
+                    .spec
+                    .ranks
+                    .get(rank.0 as usize)
+                    .map(|r| r.node)
+                    .unwrap_or(NodeId(0));
+                let host = &self.spec.nodes[node.0 as usize].host;
+                eprintln!("lamcr: rank {rank} on node {node} ({host}) {status}; stopping the job");
+            }
+            Failure::NodeLost { node } => {
+                let host = &self.spec.nodes[node.0 as usize].host;
+                eprintln!("lamcr: node {node} ({host}) lost: its lamd exited; stopping the job");
+            }
+            Failure::Signal { signal } => {
+                let name = nix::sys::signal::Signal::try_from(*signal)
+                    .map(|s| s.as_str())
+                    .unwrap_or("?");
+                eprintln!("lamcr: received {name}; stopping the job");
+            }
+            Failure::Start { reason } => eprintln!("lamcr: {reason}"),
+        }
+        self.failure = Some(f);
+        self.terminate();
+    }
+
+    fn terminate(&mut self) {
+        self.state = State::Stopping;
+        let grace_ms = self.opts.grace.as_millis() as u64;
+        self.broadcast(ToDaemon::Terminate { grace_ms });
+    }
+
+    fn kill_all(&mut self) {
+        self.state = State::Stopping;
+        self.broadcast(ToDaemon::Kill);
+    }
+
+    fn broadcast(&mut self, msg: ToDaemon) {
+        for n in &mut self.nodes {
+            if !n.gone {
+                n.out.push(&msg);
+                let _ = n.out.flush(n.fd.as_fd());
+            }
+        }
+    }
+
+    fn poll_once(&mut self) -> Result<(), LaunchError> {
+        #[derive(Clone, Copy)]
+        enum Src {
+            Signals,
+            Wake,
+            Control,
+            Conn(u64),
+            Node(usize),
+            Stdin,
+        }
+        let mut fds = Vec::new();
+        let mut srcs = Vec::new();
+        fds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
+        srcs.push(Src::Signals);
+        fds.push(PollFd::new(self.wake.as_fd(), PollFlags::POLLIN));
+        srcs.push(Src::Wake);
+        fds.push(PollFd::new(self.control.as_fd(), PollFlags::POLLIN));
+        srcs.push(Src::Control);
+        for (id, c) in &self.conns {
+            let mut f = PollFlags::POLLIN;
+            if c.out.pending() > 0 {
+                f |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(c.fd.as_fd(), f));
+            srcs.push(Src::Conn(*id));
+        }
+        for (i, n) in self.nodes.iter().enumerate() {
+            if n.gone {
+                continue;
+            }
+            let mut f = PollFlags::POLLIN;
+            if n.out.pending() > 0 {
+                f |= PollFlags::POLLOUT;
+            }
+            fds.push(PollFd::new(n.fd.as_fd(), f));
+            srcs.push(Src::Node(i));
+        }
+        let stdin = std::io::stdin();
+        if self.stdin_open && self.state != State::Stopping && self.stdin_window_open() {
+            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+            srcs.push(Src::Stdin);
+        }
+        match poll(&mut fds, PollTimeout::from(1000u16)) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let ready: Vec<(Src, PollFlags)> = fds
+            .iter()
+            .zip(srcs)
+            .filter_map(|(f, s)| f.revents().filter(|r| !r.is_empty()).map(|r| (s, r)))
+            .collect();
+        drop(fds);
+        for (src, revents) in ready {
+            match src {
+                Src::Signals => self.on_signals(),
+                Src::Wake => {
+                    let mut b = [0u8; 16];
+                    let _ = nix::unistd::read(self.wake.as_fd(), &mut b);
+                    for o in self.handler.take_outcomes() {
+                        self.on_outcome(o);
+                    }
+                }
+                Src::Control => self.accept_control(),
+                Src::Conn(id) => self.on_conn(id, revents),
+                Src::Node(i) => {
+                    if revents.contains(PollFlags::POLLOUT) {
+                        let n = &mut self.nodes[i];
+                        let _ = n.out.flush(n.fd.as_fd());
+                    }
+                    if revents
+                        .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
+                    {
+                        self.on_node(i);
+                    }
+                }
+                Src::Stdin => self.on_stdin(),
+            }
+        }
+        self.conns
+            .retain(|_, c| !(c.closing && c.out.pending() == 0));
+        Ok(())
+    }
+
+    fn stdin_window_open(&self) -> bool {
+        self.nodes
+            .iter()
+            .all(|n| n.gone || n.stdin_inflight < STDIN_WINDOW)
+    }
+
+    fn on_stdin(&mut self) {
+        let mut buf = vec![0u8; 64 << 10];
+        let n = loop {
+            match nix::unistd::read(std::io::stdin().as_fd(), &mut buf) {
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(_) => break 0,
+            }
+        };
+        let targets = self.stdin_targets.clone();
+        for rank in targets {
+            let node = self.spec.ranks[rank.0 as usize].node;
+            let Some(nd) = self.nodes.iter_mut().find(|x| x.id == node) else {
+                continue;
+            };
+            if nd.gone {
+                continue;
+            }
+            if n == 0 {
+                nd.out.push(&ToDaemon::StdinEof { rank });
+            } else {
+                nd.out.push_data(rank, Channel::Stdin, &buf[..n]);
+                nd.stdin_inflight += n as u64;
+            }
+            let _ = nd.out.flush(nd.fd.as_fd());
+        }
+        if n == 0 {
+            self.stdin_open = false;
+        }
+    }
+
+    fn on_signals(&mut self) {
+        let mut buf = [0u8; 64];
+        let n = nix::unistd::read(self.signals.as_fd(), &mut buf).unwrap_or(0);
+        for &sig in &buf[..n] {
+            let sig = i32::from(sig);
+            match sig {
+                libc::SIGINT | libc::SIGTERM | libc::SIGHUP => {
+                    self.interrupts += 1;
+                    if self.interrupts >= 2 && sig == libc::SIGINT {
+                        eprintln!("lamcr: second interrupt; killing the job");
+                        self.kill_all();
+                    } else {
+                        self.fail(Failure::Signal { signal: sig });
+                        self.terminate();
+                    }
+                }
+                libc::SIGUSR1 => self.on_checkpoint_request(Request {
+                    waiter: None,
+                    term: false,
+                }),
+                libc::SIGTSTP => self.broadcast(ToDaemon::Signal {
+                    signal: libc::SIGSTOP,
+                }),
+                libc::SIGUSR2 | libc::SIGCONT => self.broadcast(ToDaemon::Signal { signal: sig }),
+                libc::SIGCHLD => self.reap_daemons(),
+                _ => {}
+            }
+        }
+    }
+
+    fn reap_daemons(&mut self) {
+        loop {
+            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
+                Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) => {
+                    if let Some(i) = self.nodes.iter().position(|n| n.pid == pid) {
+                        // Its socket may still hold its last words: read them first.
+                        self.on_node(i);
+                        if !self.nodes[i].gone {
+                            self.node_lost(i);
+                        }
+                    }
+                }
+                Ok(WaitStatus::StillAlive) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    }
+
+    fn node_lost(&mut self, i: usize) {
+        self.nodes[i].gone = true;
+        let id = self.nodes[i].id;
+        let lost: Vec<Rank> = self
+            .spec
+            .ranks_on(id)
+            .map(|r| r.rank)
+            .filter(|r| !self.statuses.contains_key(r))
+            .collect();
+        if lost.is_empty() {
+            return;
+        }
+        for r in lost {
+            self.statuses.insert(r, ExitStatus::Signal(libc::SIGKILL));
+            self.sink.finish_rank(r);
+        }
+        self.fail(Failure::NodeLost { node: id });
+    }
+
+    fn on_node(&mut self, i: usize) {
+        if self.nodes[i].gone {
+            return;
+        }
+        let open = {
+            let n = &mut self.nodes[i];
+            n.reader.fill(n.fd.as_fd()).unwrap_or(false)
+        };
+        loop {
+            let frame = match self.nodes[i].reader.next::<FromDaemon>() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("lamcr: node {}: {e}", self.nodes[i].id);
+                    self.node_lost(i);
+                    return;
+                }
+            };
+            match frame {
+                Frame::Data {
+                    rank,
+                    channel,
+                    bytes,
+                } => {
+                    let stream = if channel == Channel::Stderr {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    };
+                    self.sink.write(rank, stream, &bytes);
+                }
+                Frame::Message(m) => self.on_daemon_message(i, m),
+            }
+        }
+        if !open {
+            self.node_lost(i);
+        }
+    }
+
+    fn on_daemon_message(&mut self, i: usize, msg: FromDaemon) {
+        match msg {
+            FromDaemon::Hello { .. } => {}
+            FromDaemon::Started { .. } => {
+                self.nodes[i].started = true;
+                if self.state == State::Starting && self.nodes.iter().all(|n| n.started || n.gone) {
+                    self.state = State::Running;
+                    for req in std::mem::take(&mut self.held) {
+                        self.handler.request(req);
+                    }
+                }
+            }
+            FromDaemon::StartFailed { reason } => self.fail(Failure::Start { reason }),
+            FromDaemon::StdinAck { bytes } => {
+                let n = &mut self.nodes[i];
+                n.stdin_inflight = n.stdin_inflight.saturating_sub(bytes);
+            }
+            FromDaemon::RankExited { rank, status } => {
+                self.sink.finish_rank(rank);
+                self.statuses.insert(rank, status);
+                if !status.success() {
+                    self.fail(Failure::Rank { rank, status });
+                }
+            }
+            FromDaemon::Refused { reason } => {
+                let id = self.nodes[i].id;
+                self.fail(Failure::Start {
+                    reason: format!("node {id}: {reason}"),
+                });
+            }
+            FromDaemon::Checkpointed { .. } | FromDaemon::CheckpointFailed { .. } => {}
+        }
+    }
+
+    fn on_checkpoint_request(&mut self, req: Request) {
+        match self.state {
+            State::Starting => self.held.push(req),
+            State::Running => self.handler.request(req),
+            State::Stopping => {
+                self.reply(
+                    req.waiter,
+                    FromLauncher::Failed {
+                        reason: "the job is stopping".into(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_outcome(&mut self, o: Outcome) {
+        let reply = match &o.result {
+            Ok(c) => {
+                let size = human_bytes(c.bytes);
+                eprintln!(
+                    "lamcr: checkpoint {} committed: {} ranks, {size} in {:.2} s -> {}",
+                    c.epoch,
+                    c.ranks,
+                    c.elapsed.as_secs_f64(),
+                    c.path.display()
+                );
+                self.info.latest = c.path.display().to_string();
+                self.run_dir.write_info(&self.info);
+                FromLauncher::Committed {
+                    epoch: c.epoch,
+                    path: c.path.display().to_string(),
+                    bytes: c.bytes,
+                    ms: c.elapsed.as_millis() as u64,
+                }
+            }
+            Err(reason) => {
+                eprintln!("lamcr: checkpoint failed: {reason}; the job continues");
+                FromLauncher::Failed {
+                    reason: reason.clone(),
+                }
+            }
+        };
+        let term = o.requests.iter().any(|r| r.term);
+        for r in &o.requests {
+            self.reply(r.waiter, reply.clone());
+        }
+        if term && o.result.is_ok() && self.state != State::Stopping {
+            eprintln!("lamcr: ending the job after its checkpoint (--term)");
+            self.terminated_by_checkpoint = true;
+            self.kill_all();
+        }
+    }
+
+    fn reply(&mut self, waiter: Option<u64>, msg: FromLauncher) {
+        if let Some(c) = waiter.and_then(|w| self.conns.get_mut(&w)) {
+            c.out.push(&msg);
+            let _ = c.out.flush(c.fd.as_fd());
+            c.closing = true;
+        }
+    }
+
+    fn accept_control(&mut self) {
+        while let Ok((s, _)) = self.control.accept() {
+            let fd: OwnedFd = s.into();
+            if crate::lamd::nonblocking(fd.as_fd()).is_ok() {
+                self.next_conn += 1;
+                self.conns.insert(
+                    self.next_conn,
+                    ControlConn {
+                        fd,
+                        reader: FrameReader::new(),
+                        out: Outbox::default(),
+                        greeted: false,
+                        closing: false,
+                    },
+                );
+            }
+        }
+    }
+
+    fn on_conn(&mut self, id: u64, revents: PollFlags) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if revents.contains(PollFlags::POLLOUT) {
+            let _ = c.out.flush(c.fd.as_fd());
+        }
+        let open = c.reader.fill(c.fd.as_fd()).unwrap_or(false);
+        let mut reqs = Vec::new();
+        loop {
+            match c.reader.next::<ToLauncher>() {
+                Ok(Some(Frame::Message(ToLauncher::Hello { magic, version }))) => {
+                    if magic != MAGIC || version != PROTOCOL_VERSION {
+                        c.out.push(&FromLauncher::Failed {
+                            reason: format!("protocol version {version} is not {PROTOCOL_VERSION}"),
+                        });
+                        c.closing = true;
+                    } else {
+                        c.greeted = true;
+                    }
+                }
+                Ok(Some(Frame::Message(ToLauncher::Checkpoint { term }))) if c.greeted => reqs
+                    .push(Request {
+                        waiter: Some(id),
+                        term,
+                    }),
+                Ok(None) => break,
+                Ok(Some(_)) | Err(_) => {
+                    c.out.push(&FromLauncher::Failed {
+                        reason: "malformed request".into(),
+                    });
+                    c.closing = true;
+                    break;
+                }
+            }
+        }
+        if !open && reqs.is_empty() {
+            c.closing = true;
+            c.out = Outbox::default();
+        }
+        for r in reqs {
+            self.on_checkpoint_request(r);
+        }
+    }
+}
+
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}

@@ -1,0 +1,158 @@
+//! Where rank output ends up: the launcher's stdout/stderr, optionally tagged, labelled or
+//! timestamped line by line, and optionally also `DIR/rank.R/{stdout,stderr}`.
+//!
+//! Untagged output is written through byte-exact as it arrives. With any prefix, partial lines
+//! are held per (rank, stream) until their newline and flushed when the rank exits.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::PathBuf;
+
+use crate::schema::{IoOptions, Rank, Stream};
+
+pub struct OutputSink {
+    opts: IoOptions,
+    partial: HashMap<(Rank, Stream), Vec<u8>>,
+    files: HashMap<(Rank, Stream), File>,
+    stdout: std::io::Stdout,
+    stderr: std::io::Stderr,
+    /// The console reader went away (EPIPE): keep running, drop console output.
+    console_closed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot open output file {path}")]
+pub struct OutputFileError {
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl OutputSink {
+    pub fn new(opts: IoOptions) -> Self {
+        Self {
+            opts,
+            partial: HashMap::new(),
+            files: HashMap::new(),
+            stdout: std::io::stdout(),
+            stderr: std::io::stderr(),
+            console_closed: false,
+        }
+    }
+
+    fn prefixed(&self) -> bool {
+        self.opts.tag_output || self.opts.label || self.opts.timestamp
+    }
+
+    /// Opens (or, with `truncate_to`, truncates back to a length) the per-rank files.
+    pub fn open_files(
+        &mut self,
+        rank: Rank,
+        truncate_to: Option<(u64, u64)>,
+    ) -> Result<(), OutputFileError> {
+        let Some(dir) = &self.opts.output_dir else {
+            return Ok(());
+        };
+        let rank_dir = PathBuf::from(dir).join(format!("rank.{rank}"));
+        std::fs::create_dir_all(&rank_dir).map_err(|source| OutputFileError {
+            path: rank_dir.clone(),
+            source,
+        })?;
+        for (stream, len) in [
+            (Stream::Stdout, truncate_to.map(|t| t.0)),
+            (Stream::Stderr, truncate_to.map(|t| t.1)),
+        ] {
+            let path = rank_dir.join(stream.name());
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|source| OutputFileError {
+                    path: path.clone(),
+                    source,
+                })?;
+            match len {
+                Some(len) => file.set_len(len).map_err(|source| OutputFileError {
+                    path: path.clone(),
+                    source,
+                })?,
+                None => file.set_len(0).map_err(|source| OutputFileError {
+                    path: path.clone(),
+                    source,
+                })?,
+            }
+            self.files.insert((rank, stream), file);
+        }
+        Ok(())
+    }
+
+    /// Writes a chunk of a rank's output.
+    pub fn write(&mut self, rank: Rank, stream: Stream, bytes: &[u8]) {
+        if let Some(f) = self.files.get_mut(&(rank, stream)) {
+            let _ = f.write_all(bytes);
+        }
+        if !self.prefixed() {
+            self.console(stream, bytes);
+            return;
+        }
+        let mut buf = self.partial.remove(&(rank, stream)).unwrap_or_default();
+        buf.extend_from_slice(bytes);
+        let mut out = Vec::with_capacity(buf.len() + 64);
+        let mut start = 0;
+        while let Some(pos) = buf[start..].iter().position(|&b| b == b'\n') {
+            self.prefix(&mut out, rank, stream);
+            out.extend_from_slice(&buf[start..start + pos + 1]);
+            start += pos + 1;
+        }
+        buf.drain(..start);
+        if !buf.is_empty() {
+            self.partial.insert((rank, stream), buf);
+        }
+        self.console(stream, &out);
+    }
+
+    /// Flushes a held partial line of a rank that has exited (with a newline added).
+    pub fn finish_rank(&mut self, rank: Rank) {
+        for stream in [Stream::Stdout, Stream::Stderr] {
+            if let Some(mut rest) = self.partial.remove(&(rank, stream)) {
+                let mut out = Vec::new();
+                self.prefix(&mut out, rank, stream);
+                rest.push(b'\n');
+                out.extend_from_slice(&rest);
+                self.console(stream, &out);
+            }
+        }
+    }
+
+    fn prefix(&self, out: &mut Vec<u8>, rank: Rank, stream: Stream) {
+        if self.opts.timestamp {
+            let now = humantime::format_rfc3339_millis(std::time::SystemTime::now());
+            let _ = write!(out, "[{now}] ");
+        }
+        if self.opts.tag_output {
+            let _ = write!(out, "[{rank}]<{}>: ", stream.name());
+        } else if self.opts.label {
+            let _ = write!(out, "{rank}: ");
+        }
+    }
+
+    fn console(&mut self, stream: Stream, bytes: &[u8]) {
+        if bytes.is_empty() || self.console_closed {
+            return;
+        }
+        let r = match stream {
+            Stream::Stdout => self
+                .stdout
+                .lock()
+                .write_all(bytes)
+                .and_then(|_| self.stdout.lock().flush()),
+            Stream::Stderr => self.stderr.lock().write_all(bytes),
+        };
+        if let Err(e) = r {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                self.console_closed = true;
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! lamcr: a checkpoint-aware parallel job runtime. LAM/MPI's checkpoint/restart design (a
+//! launcher with sync and async checkpoint handlers, node daemons, a restart schema) rebuilt on
+//! CRIU. See `docs/design.md` for the theory of operation.
+//!
+//! Modules by role: [`launcher`] (mpirun), [`lamd`] (node daemon and the holder of a node's
+//! ranks), [`handlers`] (checkpoint handlers and the helper), [`schema`] (job spec, restart schema,
+//! manifest, wire protocol; no I/O), [`engine`] (CRIU), [`sys`] (the only `unsafe`), [`cli`].
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod engine;
+pub mod handlers;
+pub mod lamd;
+pub mod launcher;
+pub mod schema;
+pub mod sys;
+
+/// Renders an error and its sources on one line: `outer: inner: innermost`.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(inner) = cur {
+        let t = inner.to_string();
+        if !s.ends_with(&t) {
+            s.push_str(": ");
+            s.push_str(&t);
+        }
+        cur = inner.source();
+    }
+    s
+}

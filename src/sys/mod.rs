@@ -1,0 +1,388 @@
+//! The only home of `unsafe` in lamcr: process creation, exec and signal-handler installation.
+//!
+//! Invariants:
+//! - Everything a child needs (paths, argv, envp, fd map) is built *before* `fork`; between fork and
+//!   exec the child only calls async-signal-safe functions (dup2, fcntl, close_range, setsid, prctl,
+//!   sigaction, sigprocmask, chdir, write, execve, `_exit`). It never returns into the caller.
+//! - Exec failures come back to the parent as an errno over a close-on-exec pipe.
+//! - Signal handlers installed here only `write` one byte to a pipe.
+#![allow(unsafe_code)]
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+
+use nix::unistd::Pid;
+
+/// How a child is to be started. Built by the caller; turned into C strings before the fork.
+#[derive(Debug, Default, Clone)]
+pub struct SpawnSpec {
+    /// Path of the program to exec (no PATH search happens here).
+    pub program: std::path::PathBuf,
+    /// argv, including argv[0].
+    pub argv: Vec<std::ffi::OsString>,
+    /// The complete environment of the child.
+    pub env: Vec<(std::ffi::OsString, std::ffi::OsString)>,
+    /// `(source fd in the parent, fd number in the child)`. Every other fd above 2 that is not a
+    /// target is closed in the child; stdio fds that are not targets are left as inherited.
+    pub fds: Vec<(RawFd, RawFd)>,
+    /// Working directory of the child.
+    pub cwd: Option<std::path::PathBuf>,
+    /// Start the child as the init of a new PID namespace (`clone(CLONE_NEWPID)`).
+    pub new_pid_namespace: bool,
+    /// Call `setsid()` in the child.
+    pub setsid: bool,
+    /// Signal the child receives when its parent dies.
+    pub parent_death_signal: Option<i32>,
+    /// Close every inherited fd that is not in `fds`, stdio included (stdio then points to /dev/null
+    /// only if mapped).
+    pub close_stdio: bool,
+}
+
+struct Prepared {
+    program: CString,
+    argv: Vec<CString>,
+    argv_ptrs: Vec<*const libc::c_char>,
+    env: Vec<CString>,
+    env_ptrs: Vec<*const libc::c_char>,
+    cwd: Option<CString>,
+    fds: Vec<(RawFd, RawFd)>,
+    keep: Vec<RawFd>,
+}
+
+fn cstring(bytes: &[u8]) -> io::Result<CString> {
+    CString::new(bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "nul byte in argument"))
+}
+
+impl Prepared {
+    fn new(spec: &SpawnSpec) -> io::Result<Self> {
+        let program = cstring(spec.program.as_os_str().as_bytes())?;
+        let argv = spec
+            .argv
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<io::Result<Vec<_>>>()?;
+        let env = spec
+            .env
+            .iter()
+            .map(|(k, v)| {
+                let mut kv = k.as_bytes().to_vec();
+                kv.push(b'=');
+                kv.extend_from_slice(v.as_bytes());
+                cstring(&kv)
+            })
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut argv_ptrs: Vec<_> = argv.iter().map(|c| c.as_ptr()).collect();
+        argv_ptrs.push(std::ptr::null());
+        let mut env_ptrs: Vec<_> = env.iter().map(|c| c.as_ptr()).collect();
+        env_ptrs.push(std::ptr::null());
+        let cwd = spec
+            .cwd
+            .as_ref()
+            .map(|c| cstring(c.as_os_str().as_bytes()))
+            .transpose()?;
+        let mut keep: Vec<RawFd> = spec.fds.iter().map(|&(_, dst)| dst).collect();
+        if !spec.close_stdio {
+            keep.extend([0, 1, 2]);
+        }
+        keep.sort_unstable();
+        keep.dedup();
+        Ok(Self {
+            program,
+            argv,
+            argv_ptrs,
+            env,
+            env_ptrs,
+            cwd,
+            fds: spec.fds.clone(),
+            keep,
+        })
+    }
+}
+
+/// Starts a child as described by `spec` and returns its pid once it has exec'd.
+///
+/// An exec failure is returned as the child's errno (the child has then already exited with 127
+/// and has been reaped).
+pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
+    let prepared = Prepared::new(spec)?;
+    let _ = (&prepared.argv, &prepared.env);
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let highest = prepared
+        .keep
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(2)
+        .max(err_w.as_raw_fd());
+
+    let pid = if spec.new_pid_namespace {
+        // SAFETY: a raw clone with only CLONE_NEWPID|SIGCHLD behaves like fork(): the child gets a
+        // copy of the address space and runs only `child_after_fork`, which is async-signal-safe
+        // and never returns.
+        unsafe {
+            libc::syscall(
+                libc::SYS_clone,
+                (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            )
+        }
+    } else {
+        // SAFETY: the child runs only `child_after_fork` (async-signal-safe, never returns).
+        unsafe { libc::fork() as libc::c_long }
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child; everything used was prepared before the fork.
+        unsafe { child_after_fork(spec, &prepared, err_w.as_raw_fd(), highest) }
+    }
+    drop(err_w);
+    let pid = Pid::from_raw(pid as i32);
+    let mut buf = [0u8; 4];
+    let n = read_full(err_r.as_fd_ref(), &mut buf)?;
+    if n == 4 {
+        let errno = i32::from_ne_bytes(buf);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok(pid)
+}
+
+trait AsFdRef {
+    fn as_fd_ref(&self) -> BorrowedFd<'_>;
+}
+impl AsFdRef for OwnedFd {
+    fn as_fd_ref(&self) -> BorrowedFd<'_> {
+        std::os::fd::AsFd::as_fd(self)
+    }
+}
+
+fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match nix::unistd::read(fd, &mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(n)
+}
+
+/// The child side of [`spawn`].
+///
+/// # Safety
+/// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
+unsafe fn child_after_fork(spec: &SpawnSpec, p: &Prepared, err_w: RawFd, highest: RawFd) -> ! {
+    // SAFETY (whole body): only async-signal-safe libc calls on memory prepared before the fork.
+    unsafe {
+        reset_signals_raw();
+        if spec.setsid {
+            libc::setsid();
+        }
+        if let Some(sig) = spec.parent_death_signal {
+            libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
+        }
+        // Move every source above all targets first, so that no dup2 clobbers a later source.
+        let mut moved = [0 as RawFd; 64];
+        let count = p.fds.len().min(moved.len());
+        for (i, &(src, _)) in p.fds.iter().take(count).enumerate() {
+            let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, highest + 1);
+            if fd < 0 {
+                fail(err_w);
+            }
+            moved[i] = fd;
+        }
+        for (i, &(_, dst)) in p.fds.iter().take(count).enumerate() {
+            if libc::dup2(moved[i], dst) < 0 {
+                fail(err_w);
+            }
+        }
+        // Close every fd that is not kept, except the error pipe (close-on-exec anyway).
+        let mut next = if spec.close_stdio { 0 } else { 3 };
+        for &k in p.keep.iter() {
+            if k >= next {
+                if k > next {
+                    close_range(next, k - 1, err_w);
+                }
+                next = k + 1;
+            }
+        }
+        close_range(next, RawFd::MAX, err_w);
+        if let Some(cwd) = &p.cwd {
+            if libc::chdir(cwd.as_ptr()) < 0 {
+                fail(err_w);
+            }
+        }
+        libc::execve(
+            p.program.as_ptr(),
+            p.argv_ptrs.as_ptr(),
+            p.env_ptrs.as_ptr(),
+        );
+        fail(err_w)
+    }
+}
+
+/// Closes `[lo, hi]` except `skip`.
+///
+/// # Safety
+/// Async-signal-safe; only for use in a forked child.
+unsafe fn close_range(lo: RawFd, hi: RawFd, skip: RawFd) {
+    if lo > hi {
+        return;
+    }
+    // SAFETY: close_range is a plain syscall on fd numbers.
+    unsafe {
+        if (lo..=hi).contains(&skip) {
+            if skip > lo {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    lo as libc::c_uint,
+                    (skip - 1) as libc::c_uint,
+                    0,
+                );
+            }
+            if skip < hi {
+                libc::syscall(
+                    libc::SYS_close_range,
+                    (skip + 1) as libc::c_uint,
+                    hi as libc::c_uint,
+                    0,
+                );
+            }
+        } else {
+            libc::syscall(
+                libc::SYS_close_range,
+                lo as libc::c_uint,
+                hi as libc::c_uint,
+                0,
+            );
+        }
+    }
+}
+
+/// Reports errno over the error pipe and exits the child.
+///
+/// # Safety
+/// Async-signal-safe; only for use in a forked child.
+unsafe fn fail(err_w: RawFd) -> ! {
+    // SAFETY: errno location, write and _exit are async-signal-safe.
+    unsafe {
+        let errno = *libc::__errno_location();
+        let bytes = errno.to_ne_bytes();
+        libc::write(err_w, bytes.as_ptr().cast(), bytes.len());
+        libc::_exit(127)
+    }
+}
+
+/// Unblocks every signal and resets every disposition to the default.
+///
+/// # Safety
+/// Async-signal-safe. Changes process-global state: callers own that decision.
+unsafe fn reset_signals_raw() {
+    // SAFETY: sigemptyset/sigprocmask/sigaction on locals; all async-signal-safe.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = libc::SIG_DFL;
+        libc::sigemptyset(&mut act.sa_mask);
+        for sig in 1..libc::SIGRTMAX() {
+            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+                continue;
+            }
+            libc::sigaction(sig, &act, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Replaces the current process image with `/proc/self/exe argv...`, keeping the pid.
+///
+/// The signal mask and dispositions are reset first: both survive `execve`. `keep` lists fds that
+/// must survive the exec (their close-on-exec flag is cleared). Returns only on failure.
+pub fn exec_self(
+    argv: &[&OsStr],
+    env: &[(std::ffi::OsString, std::ffi::OsString)],
+    keep: &[RawFd],
+) -> io::Error {
+    let spec = SpawnSpec {
+        program: "/proc/self/exe".into(),
+        argv: argv.iter().map(|a| a.to_os_string()).collect(),
+        env: env.to_vec(),
+        ..Default::default()
+    };
+    let p = match Prepared::new(&spec) {
+        Ok(p) => p,
+        Err(e) => return e,
+    };
+    for &fd in keep {
+        // SAFETY: fcntl on an fd number; clearing FD_CLOEXEC cannot violate memory safety.
+        unsafe {
+            libc::fcntl(fd, libc::F_SETFD, 0);
+        }
+    }
+    // SAFETY: resetting dispositions is intended here, the image is about to be replaced; execve
+    // gets NUL-terminated arrays built above that outlive the call.
+    unsafe {
+        reset_signals_raw();
+        libc::execve(
+            p.program.as_ptr(),
+            p.argv_ptrs.as_ptr(),
+            p.env_ptrs.as_ptr(),
+        );
+    }
+    io::Error::last_os_error()
+}
+
+/// Installs a handler for each of `signals` that writes the signal number as one byte to `fd`.
+///
+/// This is the *sync handler* of lamcr: the only work it does in signal context is one `write`,
+/// which interrupts the main loop's `poll`. Nothing else is async-signal-safe enough to do there.
+pub fn install_signal_pipe(signals: &[i32], fd: RawFd) -> io::Result<()> {
+    for &sig in signals {
+        let byte = sig as u8;
+        // SAFETY: the closure only calls write(2) on a non-blocking pipe fd, which is
+        // async-signal-safe, and preserves errno as signal-hook requires for raw handlers.
+        unsafe {
+            signal_hook::low_level::register(sig, move || {
+                let saved = *libc::__errno_location();
+                libc::write(fd, (&byte as *const u8).cast(), 1);
+                *libc::__errno_location() = saved;
+            })
+        }?;
+    }
+    Ok(())
+}
+
+/// The inode number of the object behind `fd` (pipes and sockets are named by it in CRIU).
+pub fn inode_of(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(nix::sys::stat::fstat(fd)?.st_ino)
+}
+
+/// Takes ownership of an fd number this process inherited by contract (e.g. a holder's control
+/// pipe on fd 3). The caller must not use the number elsewhere afterwards.
+pub fn take_inherited_fd(fd: RawFd) -> OwnedFd {
+    // SAFETY: by the documented contract the fd is open, inherited, and owned by nobody else in
+    // this process; an invalid fd would only make later syscalls fail with EBADF.
+    unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+}
+
+/// Ignores SIGPIPE, so a closed reader shows up as EPIPE on write instead of killing us.
+pub fn ignore_sigpipe() {
+    // SAFETY: SIG_IGN installs no handler code; it cannot break async-signal-safety.
+    let _ = unsafe {
+        nix::sys::signal::signal(
+            nix::sys::signal::Signal::SIGPIPE,
+            nix::sys::signal::SigHandler::SigIgn,
+        )
+    };
+}
