@@ -111,6 +111,13 @@ pub fn main(a: RunArgs) -> i32 {
 }
 
 fn prepare(a: &RunArgs) -> Result<(crate::schema::JobSpec, RunOptions), String> {
+    if let Some(first) = a
+        .command
+        .first()
+        .filter(|c| c.starts_with('-') && c.len() > 1)
+    {
+        return Err(format!("unknown option {first} (see lamcr run --help)"));
+    }
     if a.np == Some(0) {
         return Err(parse::ParseError::ZeroRanks.to_string());
     }

@@ -257,12 +257,9 @@ impl Session {
     /// Closes the socket (criu then exits) and reaps criu.
     fn finish(mut self) {
         self.sock = None;
-        loop {
-            match waitpid(self.pid, None) {
-                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) => continue,
-                _ => break,
-            }
-        }
+        while let Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::EINTR) =
+            waitpid(self.pid, None)
+        {}
         self.reaped = true;
     }
 }

@@ -113,7 +113,7 @@ impl Daemon {
         if let Some(h) = &mut self.holder {
             if let Some(fd) = &h.status {
                 let _ = h.status_reader.fill(fd.as_fd());
-                while let Ok(Some(Frame::Message(ev))) = h.status_reader.next() {
+                while let Ok(Some(Frame::Message(ev))) = h.status_reader.next_frame() {
                     events.push(ev);
                 }
             }

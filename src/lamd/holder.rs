@@ -124,7 +124,7 @@ fn run() -> std::io::Result<()> {
                 Ok(true) => {}
                 Ok(false) | Err(_) => control_open = false,
             }
-            while let Ok(Some(Frame::Message(cmd))) = reader.next::<HolderCommand>() {
+            while let Ok(Some(Frame::Message(cmd))) = reader.next_frame::<HolderCommand>() {
                 match cmd {
                     HolderCommand::Spawn { ranks } => {
                         spawn_ranks(&ranks, &mut live, &mut out);
@@ -167,7 +167,7 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
     for r in ranks {
         let stdin = r
             .stdin_fd
-            .or_else(|| devnull.as_ref().map(|f| std::os::fd::AsRawFd::as_raw_fd(f)));
+            .or_else(|| devnull.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
         let mut fds = vec![(r.stdout_fd, 1), (r.stderr_fd, 2)];
         if let Some(fd) = stdin {
             fds.push((fd, 0));

@@ -114,7 +114,7 @@ fn start_holder(fds: &[(RawFd, RawFd)]) -> Result<(nix::unistd::Pid, bool), Daem
         program: "/proc/self/exe".into(),
         argv: vec!["lamcr".into(), "holder".into()],
         env: std::env::vars_os()
-            .filter(|(k, _)| k == "PATH" || k == "LAMCR_DEBUG")
+            .filter(|(k, _)| k == "PATH" || k == "LAMCR_RUN_DIR")
             .collect(),
         fds: fds.to_vec(),
         cwd: Some("/".into()),

@@ -351,7 +351,7 @@ impl Daemon {
             .fill(self.launcher.fd.as_fd())
             .map_err(DaemonError::Launcher)?;
         loop {
-            let frame = match self.launcher.reader.next::<ToDaemon>() {
+            let frame = match self.launcher.reader.next_frame::<ToDaemon>() {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
                 Err(WireError::Closed) => return Ok(()),
@@ -436,13 +436,13 @@ impl Daemon {
                     }
                 }
             }
-            ToDaemon::Signal { signal } => self.to_holder(HolderCommand::Signal { signal }),
+            ToDaemon::Signal { signal } => self.send_holder(HolderCommand::Signal { signal }),
             ToDaemon::Terminate { grace_ms } => {
-                self.to_holder(HolderCommand::Signal {
+                self.send_holder(HolderCommand::Signal {
                     signal: libc::SIGTERM,
                 });
                 // SIGTERM may be ignored by a stopped rank; wake it so it can act on it.
-                self.to_holder(HolderCommand::Signal {
+                self.send_holder(HolderCommand::Signal {
                     signal: libc::SIGCONT,
                 });
                 if self.kill_at.is_none() {
@@ -459,7 +459,7 @@ impl Daemon {
         }
     }
 
-    fn to_holder(&mut self, cmd: HolderCommand) {
+    fn send_holder(&mut self, cmd: HolderCommand) {
         if let Some(h) = &mut self.holder {
             h.control_out.push(&cmd);
             let _ = h.control_out.flush(h.control.as_fd());
@@ -468,7 +468,7 @@ impl Daemon {
 
     /// Kills every rank now: the holder's namespace goes with it.
     fn kill_ranks(&mut self) {
-        self.to_holder(HolderCommand::Kill);
+        self.send_holder(HolderCommand::Kill);
         if let Some(h) = &self.holder {
             if h.pid_namespace {
                 let _ = kill(h.pid, Signal::SIGKILL);
@@ -517,7 +517,7 @@ impl Daemon {
             return;
         }
         loop {
-            let msg = match self.helpers[i].reader.next::<ToDaemon>() {
+            let msg = match self.helpers[i].reader.next_frame::<ToDaemon>() {
                 Ok(Some(crate::schema::wire::Frame::Message(m))) => m,
                 Ok(Some(_)) => continue,
                 Ok(None) => return,
@@ -578,7 +578,7 @@ impl Daemon {
         let open = h.status_reader.fill(fd.as_fd()).unwrap_or(false);
         let mut events = Vec::new();
         while let Ok(Some(crate::schema::wire::Frame::Message(ev))) =
-            h.status_reader.next::<HolderEvent>()
+            h.status_reader.next_frame::<HolderEvent>()
         {
             events.push(ev);
         }
@@ -736,7 +736,7 @@ impl Daemon {
                 }
             }
             while let Ok(Some(crate::schema::wire::Frame::Message(ev))) =
-                h.status_reader.next::<HolderEvent>()
+                h.status_reader.next_frame::<HolderEvent>()
             {
                 events.push(ev);
             }

@@ -103,6 +103,7 @@ struct Node {
     out: Outbox,
     started: bool,
     gone: bool,
+    reaped: bool,
     stdin_inflight: u64,
 }
 
@@ -307,6 +308,7 @@ impl Launcher {
                 out: Outbox::default(),
                 started: false,
                 gone: false,
+                reaped: false,
                 stdin_inflight: 0,
             };
             n.out.push(&ToDaemon::hello(
@@ -379,7 +381,9 @@ impl Launcher {
                 self.on_node(i);
             }
             let pid = self.nodes[i].pid;
-            if waitpid(pid, Some(WaitPidFlag::WNOHANG)) == Ok(WaitStatus::StillAlive) {
+            if !self.nodes[i].reaped
+                && waitpid(pid, Some(WaitPidFlag::WNOHANG)) == Ok(WaitStatus::StillAlive)
+            {
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 let _ = waitpid(pid, None);
             }
@@ -623,20 +627,21 @@ impl Launcher {
         }
     }
 
+    /// Reaps exited lamds. Only our daemons' pids are waited for: the async handler's helper is
+    /// a child too, and its thread must be the one to reap it.
     fn reap_daemons(&mut self) {
-        loop {
-            match waitpid(None::<Pid>, Some(WaitPidFlag::WNOHANG)) {
-                Ok(WaitStatus::Exited(pid, _)) | Ok(WaitStatus::Signaled(pid, _, _)) => {
-                    if let Some(i) = self.nodes.iter().position(|n| n.pid == pid) {
-                        // Its socket may still hold its last words: read them first.
-                        self.on_node(i);
-                        if !self.nodes[i].gone {
-                            self.node_lost(i);
-                        }
-                    }
+        for i in 0..self.nodes.len() {
+            let pid = self.nodes[i].pid;
+            if matches!(
+                waitpid(pid, Some(WaitPidFlag::WNOHANG)),
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..))
+            ) {
+                self.nodes[i].reaped = true;
+                // Its socket may still hold its last words: read them first.
+                self.on_node(i);
+                if !self.nodes[i].gone {
+                    self.node_lost(i);
                 }
-                Ok(WaitStatus::StillAlive) | Err(_) => return,
-                Ok(_) => continue,
             }
         }
     }
@@ -669,7 +674,7 @@ impl Launcher {
             n.reader.fill(n.fd.as_fd()).unwrap_or(false)
         };
         loop {
-            let frame = match self.nodes[i].reader.next::<FromDaemon>() {
+            let frame = match self.nodes[i].reader.next_frame::<FromDaemon>() {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
                 Err(e) => {
@@ -823,7 +828,7 @@ impl Launcher {
         let open = c.reader.fill(c.fd.as_fd()).unwrap_or(false);
         let mut reqs = Vec::new();
         loop {
-            match c.reader.next::<ToLauncher>() {
+            match c.reader.next_frame::<ToLauncher>() {
                 Ok(Some(Frame::Message(ToLauncher::Hello { magic, version }))) => {
                     if magic != MAGIC || version != PROTOCOL_VERSION {
                         c.out.push(&FromLauncher::Failed {

@@ -276,7 +276,7 @@ impl FrameReader {
     }
 
     /// The next complete frame, if one is buffered.
-    pub fn next<M: Decode<()>>(&mut self) -> Result<Option<Frame<M>>, WireError> {
+    pub fn next_frame<M: Decode<()>>(&mut self) -> Result<Option<Frame<M>>, WireError> {
         let avail = &self.buf[self.start..self.end];
         if avail.len() < 4 {
             return if self.eof && !avail.is_empty() {
@@ -420,7 +420,7 @@ pub fn request<Q: Encode, A: Decode<()>>(
 /// Waits for the next message on a blocking fd.
 pub fn recv<A: Decode<()>>(fd: BorrowedFd<'_>, reader: &mut FrameReader) -> Result<A, WireError> {
     loop {
-        match reader.next::<A>()? {
+        match reader.next_frame::<A>()? {
             Some(Frame::Message(m)) => return Ok(m),
             Some(Frame::Data { .. }) => continue,
             None => {
@@ -431,7 +431,7 @@ pub fn recv<A: Decode<()>>(fd: BorrowedFd<'_>, reader: &mut FrameReader) -> Resu
                     return Err(WireError::Io(std::io::ErrorKind::TimedOut.into()));
                 }
                 if !open {
-                    return match reader.next::<A>()? {
+                    return match reader.next_frame::<A>()? {
                         Some(Frame::Message(m)) => Ok(m),
                         _ => Err(WireError::Closed),
                     };
@@ -479,24 +479,27 @@ mod tests {
         out.extend_from_slice(b"a\0b");
         let mut r = reader_over(&out);
         assert_eq!(
-            r.next::<ToDaemon>().unwrap(),
+            r.next_frame::<ToDaemon>().unwrap(),
             Some(Frame::Message(ToDaemon::Kill))
         );
         assert_eq!(
-            r.next::<ToDaemon>().unwrap(),
+            r.next_frame::<ToDaemon>().unwrap(),
             Some(Frame::Data {
                 rank: Rank(3),
                 channel: Channel::Stderr,
                 bytes: b"a\0b".to_vec()
             })
         );
-        assert_eq!(r.next::<ToDaemon>().unwrap(), None);
+        assert_eq!(r.next_frame::<ToDaemon>().unwrap(), None);
     }
 
     #[test]
     fn oversized_length_is_refused_before_allocating() {
         let r = &mut reader_over(&u32::MAX.to_le_bytes());
-        assert!(matches!(r.next::<ToDaemon>(), Err(WireError::TooLarge(_))));
+        assert!(matches!(
+            r.next_frame::<ToDaemon>(),
+            Err(WireError::TooLarge(_))
+        ));
     }
 
     #[test]
@@ -504,13 +507,13 @@ mod tests {
         let mut bytes = 5u32.to_le_bytes().to_vec();
         bytes.extend_from_slice(&[0, 0xff, 0xff, 0xff, 0xff]);
         assert!(matches!(
-            reader_over(&bytes).next::<ToDaemon>(),
+            reader_over(&bytes).next_frame::<ToDaemon>(),
             Err(WireError::Message(_))
         ));
         let mut bytes = 1u32.to_le_bytes().to_vec();
         bytes.push(9);
         assert!(matches!(
-            reader_over(&bytes).next::<ToDaemon>(),
+            reader_over(&bytes).next_frame::<ToDaemon>(),
             Err(WireError::Kind(9))
         ));
     }
@@ -520,8 +523,8 @@ mod tests {
         let mut out = Vec::new();
         push_message(&mut out, &ToDaemon::Terminate { grace_ms: 5 });
         let mut r = reader_over(&out[..out.len() - 1]);
-        assert_eq!(r.next::<ToDaemon>().unwrap(), None);
+        assert_eq!(r.next_frame::<ToDaemon>().unwrap(), None);
         r.push(&out[out.len() - 1..]);
-        assert!(r.next::<ToDaemon>().unwrap().is_some());
+        assert!(r.next_frame::<ToDaemon>().unwrap().is_some());
     }
 }

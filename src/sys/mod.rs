@@ -182,7 +182,8 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 /// # Safety
 /// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
 unsafe fn child_after_fork(spec: &SpawnSpec, p: &Prepared, err_w: RawFd, highest: RawFd) -> ! {
-    // SAFETY (whole body): only async-signal-safe libc calls on memory prepared before the fork.
+    // SAFETY: the whole body makes only async-signal-safe libc calls on memory prepared before
+    // the fork.
     unsafe {
         reset_signals_raw();
         if spec.setsid {

@@ -1,0 +1,528 @@
+//! `lamcr run` end to end: real launcher, real lamd, real holder, real ranks and pipes.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Env, LiveJob, stderr_of, stdout_of, write_file};
+
+fn sorted_lines(s: &str) -> Vec<String> {
+    let mut v: Vec<String> = s.lines().map(String::from).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn ranks_get_their_environment_and_exit_zero() {
+    let env = Env::new();
+    let o = env.run(&[
+        "run",
+        "-np",
+        "3",
+        "sh",
+        "-c",
+        "echo $LAMCR_RANK/$LAMCR_SIZE $LAMCR_LOCAL_RANK/$LAMCR_LOCAL_SIZE $LAMCR_NODE $OMPI_COMM_WORLD_RANK/$OMPI_COMM_WORLD_SIZE ${LAMCR_JOBID:+job}",
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(
+        sorted_lines(&stdout_of(&o)),
+        vec![
+            "0/3 0/3 0 0/3 job",
+            "1/3 1/3 0 1/3 job",
+            "2/3 2/3 0 2/3 job"
+        ]
+    );
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn mpmd_contexts_exports_and_working_directory() {
+    let env = Env::new();
+    let wd = env.path("wd");
+    std::fs::create_dir(&wd).unwrap();
+    let o = env.run(&[
+        "run",
+        "-x",
+        "GLOBAL=g",
+        "-n",
+        "1",
+        "sh",
+        "-c",
+        "echo a $LAMCR_RANK $GLOBAL",
+        ":",
+        "-n",
+        "2",
+        "-x",
+        "LOCAL=l",
+        "-wd",
+        wd.to_str().unwrap(),
+        "sh",
+        "-c",
+        "echo b $LAMCR_RANK $GLOBAL $LOCAL $(pwd)",
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    let w = wd.display();
+    assert_eq!(
+        sorted_lines(&stdout_of(&o)),
+        vec![
+            "a 0 g".to_string(),
+            format!("b 1 g l {w}"),
+            format!("b 2 g l {w}")
+        ]
+    );
+}
+
+#[test]
+fn appschema_file() {
+    let env = Env::new();
+    let app = env.path("app");
+    write_file(
+        &app,
+        "# two contexts\n-np 2 -x X=1 sh -c 'echo one $X'\nsh -c \"echo two\" # trailing comment\n",
+    );
+    let o = env.run(&["run", "--app", app.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(sorted_lines(&stdout_of(&o)), vec!["one 1", "one 1", "two"]);
+}
+
+#[test]
+fn output_is_byte_exact_even_when_the_rank_exits_right_after_writing() {
+    let env = Env::new();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = env.path("blob");
+    std::fs::write(&file, &data).unwrap();
+    let o = env.run(&["run", "-n", "1", "cat", file.to_str().unwrap()]);
+    assert!(o.status.success());
+    assert!(
+        o.stdout == data,
+        "binary output differs ({} vs {} bytes)",
+        o.stdout.len(),
+        data.len()
+    );
+}
+
+#[test]
+fn stdin_goes_to_rank_zero_by_default_with_eof() {
+    let env = Env::new();
+    let o = env.run_with_stdin(
+        &[
+            "run",
+            "-n",
+            "2",
+            "sh",
+            "-c",
+            "echo $LAMCR_RANK:$(cat | wc -c)",
+        ],
+        Some(b"hello\n"),
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(sorted_lines(&stdout_of(&o)), vec!["0:6", "1:0"]);
+    let o = env.run_with_stdin(
+        &[
+            "run",
+            "-n",
+            "2",
+            "--stdin",
+            "all",
+            "sh",
+            "-c",
+            "echo $LAMCR_RANK:$(cat | wc -c)",
+        ],
+        Some(b"abc"),
+    );
+    assert_eq!(sorted_lines(&stdout_of(&o)), vec!["0:3", "1:3"]);
+    let o = env.run_with_stdin(
+        &[
+            "run",
+            "-n",
+            "2",
+            "--stdin",
+            "1",
+            "sh",
+            "-c",
+            "echo $LAMCR_RANK:$(cat | wc -c)",
+        ],
+        Some(b"abcd"),
+    );
+    assert_eq!(sorted_lines(&stdout_of(&o)), vec!["0:0", "1:4"]);
+    let o = env.run_with_stdin(
+        &[
+            "run",
+            "-n",
+            "1",
+            "--stdin",
+            "none",
+            "sh",
+            "-c",
+            "echo $(cat | wc -c)",
+        ],
+        Some(b"abcd"),
+    );
+    assert_eq!(stdout_of(&o), "0\n");
+}
+
+#[test]
+fn large_stdin_is_forwarded_whole() {
+    let env = Env::new();
+    let data = vec![b'x'; 5 << 20];
+    let o = env.run_with_stdin(&["run", "-n", "1", "sh", "-c", "wc -c"], Some(&data));
+    assert_eq!(stdout_of(&o).trim(), (5 << 20).to_string());
+}
+
+#[test]
+fn tagging_labels_timestamps_and_partial_lines() {
+    let env = Env::new();
+    let o = env.run(&[
+        "run",
+        "-n",
+        "1",
+        "--tag-output",
+        "sh",
+        "-c",
+        "printf 'a\\nb'; printf 'e\\n' >&2",
+    ]);
+    assert_eq!(stdout_of(&o), "[0]<stdout>: a\n[0]<stdout>: b\n");
+    assert_eq!(stderr_of(&o), "[0]<stderr>: e\n");
+    let o = env.run(&["run", "-n", "2", "-l", "sh", "-c", "echo x"]);
+    assert_eq!(sorted_lines(&stdout_of(&o)), vec!["0: x", "1: x"]);
+    let o = env.run(&["run", "-n", "1", "--timestamp-output", "echo", "t"]);
+    let line = stdout_of(&o);
+    assert!(
+        line.starts_with("[20") && line.ends_with("] t\n"),
+        "{line:?}"
+    );
+}
+
+#[test]
+fn output_files_per_rank() {
+    let env = Env::new();
+    let dir = env.path("out");
+    let o = env.run(&[
+        "run",
+        "-n",
+        "2",
+        "--output-filename",
+        dir.to_str().unwrap(),
+        "sh",
+        "-c",
+        "echo o$LAMCR_RANK; echo e$LAMCR_RANK >&2",
+    ]);
+    assert!(o.status.success());
+    for r in 0..2 {
+        assert_eq!(
+            std::fs::read_to_string(dir.join(format!("rank.{r}/stdout"))).unwrap(),
+            format!("o{r}\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join(format!("rank.{r}/stderr"))).unwrap(),
+            format!("e{r}\n")
+        );
+    }
+}
+
+#[test]
+fn first_failure_decides_the_exit_status_and_stops_the_rest() {
+    let env = Env::new();
+    let o = env.run(&[
+        "run",
+        "-n",
+        "3",
+        "sh",
+        "-c",
+        "if [ $LAMCR_RANK = 1 ]; then exit 7; fi; exec sleep 60",
+    ]);
+    assert_eq!(o.status.code(), Some(7));
+    let err = stderr_of(&o);
+    assert!(
+        err.contains("rank 1 on node 0 (localhost) exited with status 7"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    env.assert_no_leftovers();
+
+    let o = env.run(&[
+        "run",
+        "-n",
+        "2",
+        "--print-all-exitcodes",
+        "sh",
+        "-c",
+        "[ $LAMCR_RANK = 0 ] && kill -9 $$; exec sleep 60",
+    ]);
+    assert_eq!(o.status.code(), Some(137));
+    let err = stderr_of(&o);
+    assert!(
+        err.contains("rank 0 on node 0 (localhost) was killed by signal 9 (SIGKILL)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("lamcr: rank 1 (sh) was killed by signal 15 (SIGTERM)"),
+        "{err}"
+    );
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn sigterm_stops_the_job_gracefully() {
+    let env = Env::new();
+    let mut job = LiveJob::start(
+        &env,
+        &[
+            "run",
+            "-n",
+            "2",
+            "sh",
+            "-c",
+            "trap 'echo bye $LAMCR_RANK; exit 0' TERM; echo up; while :; do sleep 0.05; done",
+        ],
+    );
+    job.wait_for("both ranks up", |l| {
+        l.iter().filter(|x| *x == "up").count() == 2
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(job.pid() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let (status, lines, err) = job.finish();
+    assert_eq!(status.code(), Some(143), "{err}");
+    assert!(
+        lines.contains(&"bye 0".to_string()) && lines.contains(&"bye 1".to_string()),
+        "{lines:?}"
+    );
+    assert!(err.contains("received SIGTERM"), "{err}");
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn second_interrupt_kills_at_once() {
+    let env = Env::new();
+    let mut job = LiveJob::start(
+        &env,
+        &[
+            "run",
+            "-n",
+            "2",
+            "--grace",
+            "60s",
+            "sh",
+            "-c",
+            "trap '' TERM INT; echo up; while :; do sleep 0.05; done",
+        ],
+    );
+    job.wait_for("both ranks up", |l| {
+        l.iter().filter(|x| *x == "up").count() == 2
+    });
+    let pid = nix::unistd::Pid::from_raw(job.pid() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    job.wait_for_stderr("received SIGINT");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let (status, _, err) = job.finish();
+    assert_eq!(status.code(), Some(130), "{err}");
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn usr2_is_forwarded_to_the_ranks() {
+    let env = Env::new();
+    let mut job = LiveJob::start(
+        &env,
+        &[
+            "run",
+            "-n",
+            "2",
+            "sh",
+            "-c",
+            "trap 'echo usr2 $LAMCR_RANK; exit 0' USR2; echo up; while :; do sleep 0.05; done",
+        ],
+    );
+    job.wait_for("both ranks up", |l| {
+        l.iter().filter(|x| *x == "up").count() == 2
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(job.pid() as i32),
+        nix::sys::signal::Signal::SIGUSR2,
+    )
+    .unwrap();
+    let (status, lines, err) = job.finish();
+    assert!(status.success(), "{err}");
+    assert!(
+        lines.contains(&"usr2 0".to_string()) && lines.contains(&"usr2 1".to_string()),
+        "{lines:?}"
+    );
+}
+
+#[test]
+fn killing_the_launcher_leaves_nothing_behind() {
+    let env = Env::new();
+    let mut job = LiveJob::start(
+        &env,
+        &["run", "-n", "3", "sh", "-c", "echo up; exec sleep 600"],
+    );
+    job.wait_for("ranks up", |l| l.iter().filter(|x| *x == "up").count() == 3);
+    assert!(!env.leftovers().is_empty());
+    job.child.kill().unwrap();
+    let _ = job.finish();
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn a_lost_daemon_fails_the_job_and_leaves_nothing_behind() {
+    let env = Env::new();
+    let mut job = LiveJob::start(
+        &env,
+        &[
+            "run",
+            "--host",
+            "localhost:2,127.0.0.1:2",
+            "sh",
+            "-c",
+            "echo up $LAMCR_NODE; exec sleep 600",
+        ],
+    );
+    job.wait_for("ranks up", |l| {
+        l.iter().filter(|x| x.starts_with("up")).count() == 4
+    });
+    let mut nodes: Vec<&String> = job.seen.iter().collect();
+    nodes.sort();
+    assert_eq!(nodes, vec!["up 0", "up 0", "up 1", "up 1"]);
+    let lamd = env
+        .leftovers()
+        .into_iter()
+        .find(|(_, c)| c.contains(" lamd ") && c.contains("--node 1"))
+        .expect("lamd of node 1");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(lamd.0),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let (status, _, err) = job.finish();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(err.contains("node 1 (127.0.0.1) lost"), "{err}");
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn bad_input_gets_one_line_and_a_nonzero_exit() {
+    let env = Env::new();
+    let hostfile = env.path("hosts");
+    write_file(
+        &hostfile,
+        "localhost slots=2\n# fine\nlocalhost slots=two\n",
+    );
+    let noexec = env.path("noexec");
+    write_file(&noexec, "#!/bin/sh\n");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["run", "-n", "1", "/nonexistent/prog"],
+            "/nonexistent/prog: command not found",
+        ),
+        (
+            vec!["run", "-n", "1", "no-such-program-lamcr"],
+            "no-such-program-lamcr: command not found",
+        ),
+        (
+            vec!["run", "-n", "1", noexec.to_str().unwrap()],
+            "not an executable file",
+        ),
+        (vec!["run", "-n", "0", "true"], "-n must be at least 1"),
+        (
+            vec!["run", "--hostfile", hostfile.to_str().unwrap(), "true"],
+            "hosts:3: slots must be a positive number",
+        ),
+        (vec!["run", "--bogus", "true"], "unknown option --bogus"),
+        (
+            vec!["run", "--host", "localhost:2", "-n", "3", "true"],
+            "3 ranks requested but only 2 slots",
+        ),
+        (
+            vec!["run", "--host", "far.example:2", "-n", "1", "true"],
+            "remote nodes are not supported yet",
+        ),
+        (
+            vec!["run", "--stdin", "7", "-n", "2", "true"],
+            "there is no rank 7",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = env.run(&args);
+        let err = stderr_of(&o);
+        assert!(!o.status.success(), "{args:?} succeeded");
+        assert!(err.contains(want), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: {err}");
+    }
+    let o = env.run(&[
+        "run",
+        "--host",
+        "localhost:2",
+        "-n",
+        "3",
+        "--oversubscribe",
+        "true",
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn slow_console_back_pressures_the_rank_with_bounded_memory() {
+    // The rank writes 256 MiB while nobody reads the launcher's stdout: the rank must block, and
+    // the launcher and lamd must stay small; then everything arrives.
+    let env = Env::new();
+    let mut child = env
+        .cmd(&["run", "-n", "1", "head", "-c", "268435456", "/dev/zero"])
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let writer = loop {
+        let blocked = env.leftovers().into_iter().find(|(pid, c)| {
+            c.starts_with("head")
+                && std::fs::read_to_string(format!("/proc/{pid}/wchan"))
+                    .is_ok_and(|w| w.contains("pipe_write"))
+        });
+        if let Some(w) = blocked {
+            break w;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer never blocked"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let rss = |pid: i32| -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let launcher_kb = rss(child.id() as i32);
+    let lamd_kb: u64 = env
+        .leftovers()
+        .iter()
+        .filter(|(_, c)| c.contains(" lamd "))
+        .map(|(p, _)| rss(*p))
+        .sum();
+    eprintln!(
+        "while blocked: writer {}, launcher {launcher_kb} KiB, lamd {lamd_kb} KiB",
+        writer.0
+    );
+    assert!(launcher_kb < 48 * 1024, "launcher RSS {launcher_kb} KiB");
+    assert!(lamd_kb < 48 * 1024, "lamd RSS {lamd_kb} KiB");
+    let mut out = child.stdout.take().unwrap();
+    let mut n = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        use std::io::Read;
+        let k = out.read(&mut buf).unwrap();
+        if k == 0 {
+            break;
+        }
+        n += k as u64;
+    }
+    assert_eq!(n, 268_435_456);
+    assert!(common::wait_status(&mut child, Duration::from_secs(30)).success());
+}
