@@ -29,9 +29,17 @@ fn sequences(lines: &[String]) -> (BTreeMap<u64, Vec<u64>>, usize) {
 
 /// Every rank's sequence is exactly `from[r]..lines`, each number once, in order.
 fn assert_segment(seqs: &BTreeMap<u64, Vec<u64>>, lines: u64, from: &BTreeMap<u64, u64>) {
+    assert_segment_by(seqs, |_| lines, from)
+}
+
+fn assert_segment_by(
+    seqs: &BTreeMap<u64, Vec<u64>>,
+    lines: impl Fn(u64) -> u64,
+    from: &BTreeMap<u64, u64>,
+) {
     assert_eq!(seqs.len() as u64, RANKS, "{seqs:?}");
     for (r, got) in seqs {
-        let want: Vec<u64> = (from.get(r).copied().unwrap_or(0)..lines).collect();
+        let want: Vec<u64> = (from.get(r).copied().unwrap_or(0)..lines(*r)).collect();
         assert_eq!(got, &want, "rank {r}");
     }
 }
@@ -110,18 +118,28 @@ fn checkpoint_with_term_then_restart_twice_with_the_exit_status() {
     }
     let env = Env::new();
     let counter = example("counter");
-    let lines = 40u64;
+    // Ranks 0-2 print 40 lines and exit 0; rank 3 prints 60 and exits 3, last.
+    let lines = |r: u64| if r == 3 { 60 } else { 40 };
     let out_dir = env.path("out");
+    let out_arg = out_dir.to_str().unwrap();
     let mut job = LiveJob::start(
         &env,
         &[
             "run",
-            "-n",
-            "4",
             "--output-filename",
-            out_dir.to_str().unwrap(),
+            out_arg,
+            "-n",
+            "3",
             &counter,
-            &lines.to_string(),
+            "40",
+            "25",
+            "8",
+            "0",
+            ":",
+            "-n",
+            "1",
+            &counter,
+            "60",
             "25",
             "8",
             "3",
@@ -152,7 +170,7 @@ fn checkpoint_with_term_then_restart_twice_with_the_exit_status() {
         let out: Vec<String> = stdout_of(&o).lines().map(String::from).collect();
         let (seqs, mem_ok) = sequences(&out);
         let from = first_seqs(&seqs);
-        assert_segment(&seqs, lines, &from);
+        assert_segment_by(&seqs, lines, &from);
         assert_eq!(mem_ok, RANKS as usize);
         // Output before the checkpoint plus output after it: every number exactly once.
         for (r, seq) in &seqs_before {
@@ -170,7 +188,7 @@ fn checkpoint_with_term_then_restart_twice_with_the_exit_status() {
             let (fs, _) = sequences(&file_lines);
             assert_eq!(
                 fs[&r],
-                (0..lines).collect::<Vec<_>>(),
+                (0..lines(r)).collect::<Vec<_>>(),
                 "round {round} rank {r} file"
             );
         }
@@ -276,7 +294,10 @@ fn bad_checkpoints_are_refused_with_the_file_named_and_nothing_started() {
     std::fs::remove_file(d.join("manifest")).unwrap();
     cases.push((
         d.clone(),
-        format!("{}: no such checkpoint", d.join("manifest").display()),
+        format!(
+            "{}: no manifest: this checkpoint was never committed",
+            d.join("manifest").display()
+        ),
     ));
 
     cases.push((

@@ -59,6 +59,8 @@ enum Cmd {
         epoch: u64,
         #[arg(long)]
         dir: PathBuf,
+        #[arg(long)]
+        stop: bool,
         #[arg(long = "node", value_parser = parse_node)]
         nodes: Vec<(u32, PathBuf)>,
     },
@@ -141,11 +143,13 @@ pub fn main() -> i32 {
             job,
             epoch,
             dir,
+            stop,
             nodes,
         } => crate::handlers::helper::main(
             crate::schema::JobId(job),
             crate::schema::Epoch(epoch),
             dir,
+            stop,
             nodes
                 .into_iter()
                 .map(|(n, p)| (crate::schema::NodeId(n), p))

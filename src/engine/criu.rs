@@ -87,16 +87,21 @@ fn base_opts(c: &Common<'_>) -> Criu_opts {
     opts
 }
 
-/// Dumps the process tree rooted at `pid`, which keeps running. `on_notify` is called with each
+/// Dumps the process tree rooted at `pid`, which keeps running (or, with `stop`, stays stopped). `on_notify` is called with each
 /// action-script stage name while the tree is frozen; returning false fails the dump.
 pub fn dump(
     pid: i32,
     common: &Common<'_>,
+    stop: bool,
     on_notify: &mut dyn FnMut(&str) -> bool,
 ) -> Result<(), CriuError> {
     let mut opts = base_opts(common);
     opts.set_pid(pid);
     opts.set_leave_running(true);
+    if stop {
+        // Stopped, not running, from the dump on: nothing happens after the image is taken.
+        opts.set_leave_stopped(true);
+    }
     let mut session = Session::start(&[])?;
     session.call(
         Criu_req_type::DUMP,

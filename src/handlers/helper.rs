@@ -32,7 +32,13 @@ pub struct Report {
 }
 
 /// Runs the helper; returns its exit code.
-pub fn main(job: JobId, epoch: Epoch, dir: PathBuf, nodes: Vec<(NodeId, PathBuf)>) -> i32 {
+pub fn main(
+    job: JobId,
+    epoch: Epoch,
+    dir: PathBuf,
+    stop: bool,
+    nodes: Vec<(NodeId, PathBuf)>,
+) -> i32 {
     let timeout = std::env::var("LAMCR_CKPT_TIMEOUT")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -44,7 +50,7 @@ pub fn main(job: JobId, epoch: Epoch, dir: PathBuf, nodes: Vec<(NodeId, PathBuf)
             let dir = dir.clone();
             std::thread::spawn(move || NodeResult {
                 node,
-                result: one_node(&job, node, epoch, &dir, &sock, timeout),
+                result: one_node(&job, node, epoch, &dir, stop, &sock, timeout),
             })
         })
         .collect();
@@ -70,6 +76,7 @@ fn one_node(
     node: NodeId,
     epoch: Epoch,
     dir: &std::path::Path,
+    stop: bool,
     sock: &std::path::Path,
     timeout: u64,
 ) -> Result<NodeDone, String> {
@@ -94,6 +101,7 @@ fn one_node(
         &ToDaemon::Checkpoint {
             epoch,
             epoch_dir: dir.display().to_string(),
+            stop,
         },
         &mut reader,
     )

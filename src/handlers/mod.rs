@@ -137,7 +137,8 @@ fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
             }
             std::mem::take(&mut q.requests)
         };
-        let result = checkpoint(&ctx);
+        let stop = requests.iter().any(|r| r.term);
+        let result = checkpoint(&ctx, stop);
         shared.outcomes.lock().push(Outcome { result, requests });
         let _ = nix::unistd::write(&wake, &[1u8]);
         let _ = wake.as_raw_fd();
@@ -145,7 +146,7 @@ fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
 }
 
 /// Takes one checkpoint of the whole job.
-fn checkpoint(ctx: &CheckpointContext) -> Result<Committed, String> {
+fn checkpoint(ctx: &CheckpointContext, stop: bool) -> Result<Committed, String> {
     let started = Instant::now();
     let (epoch, dir) = commit::allocate_epoch(&ctx.ckpt_dir, &ctx.job.job_id)
         .map_err(|e| crate::error_chain(&e))?;
@@ -158,6 +159,9 @@ fn checkpoint(ctx: &CheckpointContext) -> Result<Committed, String> {
         .arg(epoch.0.to_string())
         .arg("--dir")
         .arg(&dir);
+    if stop {
+        cmd.arg("--stop");
+    }
     for (node, sock) in &ctx.nodes {
         cmd.arg("--node").arg(format!("{node}={}", sock.display()));
     }

@@ -40,6 +40,7 @@ impl Daemon {
         &mut self,
         _epoch: Epoch,
         epoch_dir: &str,
+        stop: bool,
     ) -> Result<(NodeImage, Vec<FileEntry>, u64), DumpError> {
         let rel = format!("node{}", self.node);
         let dir = Path::new(epoch_dir).join(&rel);
@@ -75,7 +76,7 @@ impl Daemon {
             tcp_established: tcp_wanted(),
         };
         let mut snapshot = None;
-        let result = criu::dump(pid, &common, &mut |stage| {
+        let result = criu::dump(pid, &common, stop, &mut |stage| {
             if stage == "post-dump" {
                 self.drain_frozen();
                 snapshot = Some(self.node_image(rel.clone()));

@@ -450,6 +450,11 @@ impl Daemon {
                 }
             }
             ToDaemon::Kill => self.kill_ranks(),
+            ToDaemon::Continue => {
+                if let Some(h) = &self.holder {
+                    continue_tree(h.pid);
+                }
+            }
             ToDaemon::Shutdown => self.shutdown = true,
             ToDaemon::Hello { .. } | ToDaemon::Checkpoint { .. } => {
                 self.launcher.out.push(&FromDaemon::Refused {
@@ -549,18 +554,20 @@ impl Daemon {
                 continue;
             }
             let reply = match msg {
-                ToDaemon::Checkpoint { epoch, epoch_dir } => {
-                    match self.checkpoint(epoch, &epoch_dir) {
-                        Ok((image, files, dump_ms)) => FromDaemon::Checkpointed {
-                            image,
-                            files,
-                            dump_ms,
-                        },
-                        Err(e) => FromDaemon::CheckpointFailed {
-                            reason: crate::error_chain(&e),
-                        },
-                    }
-                }
+                ToDaemon::Checkpoint {
+                    epoch,
+                    epoch_dir,
+                    stop,
+                } => match self.checkpoint(epoch, &epoch_dir, stop) {
+                    Ok((image, files, dump_ms)) => FromDaemon::Checkpointed {
+                        image,
+                        files,
+                        dump_ms,
+                    },
+                    Err(e) => FromDaemon::CheckpointFailed {
+                        reason: crate::error_chain(&e),
+                    },
+                },
                 _ => FromDaemon::Refused {
                     reason: "a helper may only order checkpoints".into(),
                 },
@@ -803,5 +810,16 @@ impl Slot {
             status: None,
             reported: false,
         }
+    }
+}
+
+/// Sends SIGCONT to a process and all its descendants (after a `stop` checkpoint that was not
+/// committed). The holder is stopped too, so it cannot forward the signal itself.
+fn continue_tree(pid: Pid) {
+    let _ = kill(pid, Signal::SIGCONT);
+    let children =
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap_or_default();
+    for child in children.split_whitespace().filter_map(|c| c.parse().ok()) {
+        continue_tree(Pid::from_raw(child));
     }
 }

@@ -25,6 +25,8 @@ pub enum StoreError {
     },
     #[error("{path}: no such checkpoint")]
     Missing { path: PathBuf },
+    #[error("{path}: no manifest: this checkpoint was never committed")]
+    NoManifest { path: PathBuf },
     #[error("{path}: no committed checkpoint in this job directory")]
     NoEpoch { path: PathBuf },
     #[error("{path}: holds {count} jobs; name one of them")]
@@ -177,12 +179,19 @@ pub fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
             path: path.to_path_buf(),
         });
     }
-    if path.join(FILE_NAME).exists()
-        || path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .is_some_and(|n| n.parse::<u64>().is_ok())
-    {
+    // An epoch directory: it has a manifest, or node image directories (then an uncommitted one).
+    let has_images = std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.strip_prefix("node")
+                .is_some_and(|n| n.parse::<u32>().is_ok())
+                && e.path().is_dir()
+        });
+    if path.join(FILE_NAME).exists() || has_images {
         return Ok(path.to_path_buf());
     }
     if let Some((_, newest)) = committed_epochs(path).pop() {
@@ -213,7 +222,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
 pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
     let mpath = epoch_dir.join(FILE_NAME);
     let bytes = std::fs::read(&mpath).map_err(|source| match source.kind() {
-        std::io::ErrorKind::NotFound => StoreError::Missing {
+        std::io::ErrorKind::NotFound => StoreError::NoManifest {
             path: mpath.clone(),
         },
         _ => StoreError::Read {

@@ -427,7 +427,7 @@ impl Launcher {
     }
 
     fn fail(&mut self, f: Failure) {
-        if self.failure.is_some() {
+        if self.failure.is_some() || self.terminated_by_checkpoint {
             return;
         }
         match &f {
@@ -784,10 +784,15 @@ impl Launcher {
         for r in &o.requests {
             self.reply(r.waiter, reply.clone());
         }
-        if term && o.result.is_ok() && self.state != State::Stopping {
-            eprintln!("lamcr: ending the job after its checkpoint (--term)");
-            self.terminated_by_checkpoint = true;
-            self.kill_all();
+        if term {
+            if o.result.is_ok() {
+                // The ranks have been stopped since their dump; nothing ran after the image.
+                eprintln!("lamcr: ending the job after its checkpoint (--term)");
+                self.terminated_by_checkpoint = true;
+                self.kill_all();
+            } else {
+                self.broadcast(ToDaemon::Continue);
+            }
         }
     }
 

@@ -90,8 +90,15 @@ pub enum ToDaemon {
     Terminate { grace_ms: u64 },
     /// Kill the ranks at once.
     Kill,
-    /// Dump this node's ranks into `epoch_dir` (helper connection only). They keep running.
-    Checkpoint { epoch: Epoch, epoch_dir: String },
+    /// Dump this node's ranks into `epoch_dir` (helper connection only). They keep running, or,
+    /// with `stop`, stay stopped after the dump until the launcher sends `Kill` or `Continue`.
+    Checkpoint {
+        epoch: Epoch,
+        epoch_dir: String,
+        stop: bool,
+    },
+    /// Resume ranks left stopped by a `stop` checkpoint that was not committed.
+    Continue,
     /// The job is over: exit.
     Shutdown,
 }
