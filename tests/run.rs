@@ -526,3 +526,18 @@ fn slow_console_back_pressures_the_rank_with_bounded_memory() {
     assert_eq!(n, 268_435_456);
     assert!(common::wait_status(&mut child, Duration::from_secs(30)).success());
 }
+
+#[test]
+fn many_ranks_on_one_node() {
+    let env = Env::new();
+    let o = env.run(&["run", "-n", "100", "--print-all-exitcodes", "/bin/true"]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(
+        stderr_of(&o)
+            .lines()
+            .filter(|l| l.ends_with("exited with status 0"))
+            .count(),
+        100
+    );
+    env.assert_no_leftovers();
+}

@@ -48,6 +48,8 @@ struct Prepared {
     env_ptrs: Vec<*const libc::c_char>,
     cwd: Option<CString>,
     fds: Vec<(RawFd, RawFd)>,
+    /// Scratch space for the child: where each source fd was moved to.
+    moved: Vec<RawFd>,
     keep: Vec<RawFd>,
 }
 
@@ -97,6 +99,7 @@ impl Prepared {
             env_ptrs,
             cwd,
             fds: spec.fds.clone(),
+            moved: vec![0; spec.fds.len()],
             keep,
         })
     }
@@ -107,7 +110,7 @@ impl Prepared {
 /// An exec failure is returned as the child's errno (the child has then already exited with 127
 /// and has been reaped).
 pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
-    let prepared = Prepared::new(spec)?;
+    let mut prepared = Prepared::new(spec)?;
     let _ = (&prepared.argv, &prepared.env);
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let highest = prepared
@@ -141,7 +144,7 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
     }
     if pid == 0 {
         // SAFETY: we are the freshly forked child; everything used was prepared before the fork.
-        unsafe { child_after_fork(spec, &prepared, err_w.as_raw_fd(), highest) }
+        unsafe { child_after_fork(spec, &mut prepared, err_w.as_raw_fd(), highest) }
     }
     drop(err_w);
     let pid = Pid::from_raw(pid as i32);
@@ -181,7 +184,7 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 ///
 /// # Safety
 /// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
-unsafe fn child_after_fork(spec: &SpawnSpec, p: &Prepared, err_w: RawFd, highest: RawFd) -> ! {
+unsafe fn child_after_fork(spec: &SpawnSpec, p: &mut Prepared, err_w: RawFd, highest: RawFd) -> ! {
     // SAFETY: the whole body makes only async-signal-safe libc calls on memory prepared before
     // the fork.
     unsafe {
@@ -193,17 +196,17 @@ unsafe fn child_after_fork(spec: &SpawnSpec, p: &Prepared, err_w: RawFd, highest
             libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
         }
         // Move every source above all targets first, so that no dup2 clobbers a later source.
-        let mut moved = [0 as RawFd; 64];
-        let count = p.fds.len().min(moved.len());
-        for (i, &(src, _)) in p.fds.iter().take(count).enumerate() {
+        // Move every source above all targets first, so that no dup2 clobbers a later source.
+        // `moved` was allocated before the fork; writing into it here is plain memory.
+        for (i, &(src, _)) in p.fds.iter().enumerate() {
             let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, highest + 1);
             if fd < 0 {
                 fail(err_w);
             }
-            moved[i] = fd;
+            p.moved[i] = fd;
         }
-        for (i, &(_, dst)) in p.fds.iter().take(count).enumerate() {
-            if libc::dup2(moved[i], dst) < 0 {
+        for (i, &(_, dst)) in p.fds.iter().enumerate() {
+            if libc::dup2(p.moved[i], dst) < 0 {
                 fail(err_w);
             }
         }
