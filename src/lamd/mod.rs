@@ -154,6 +154,16 @@ impl Daemon {
             FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
         nonblocking(launcher_fd.as_fd())?;
+        let _ = nix::sys::socket::setsockopt(
+            &launcher_fd,
+            nix::sys::socket::sockopt::SndBufForce,
+            &(4 << 20),
+        );
+        let _ = nix::sys::socket::setsockopt(
+            &launcher_fd,
+            nix::sys::socket::sockopt::RcvBufForce,
+            &(1 << 20),
+        );
         let _ = std::fs::remove_file(&args.listen);
         let listener = UnixListener::bind(&args.listen).map_err(|source| DaemonError::Listen {
             path: args.listen.clone(),

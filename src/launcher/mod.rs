@@ -300,6 +300,17 @@ impl Launcher {
             })?;
             drop(theirs);
             crate::lamd::nonblocking(ours.as_fd())?;
+            // Bigger socket buffers: fewer wake-ups per forwarded MiB on both sides.
+            let _ = nix::sys::socket::setsockopt(
+                &ours,
+                nix::sys::socket::sockopt::RcvBufForce,
+                &(4 << 20),
+            );
+            let _ = nix::sys::socket::setsockopt(
+                &ours,
+                nix::sys::socket::sockopt::SndBufForce,
+                &(1 << 20),
+            );
             let mut n = Node {
                 id: node.id,
                 pid,

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 
 use crate::schema::{IoOptions, Rank, Stream};
@@ -141,13 +142,10 @@ impl OutputSink {
         if bytes.is_empty() || self.console_closed {
             return;
         }
+        // Straight to the fd: no line buffering of binary data, no copy.
         let r = match stream {
-            Stream::Stdout => self
-                .stdout
-                .lock()
-                .write_all(bytes)
-                .and_then(|_| self.stdout.lock().flush()),
-            Stream::Stderr => self.stderr.lock().write_all(bytes),
+            Stream::Stdout => write_fd(self.stdout.as_fd(), bytes),
+            Stream::Stderr => write_fd(self.stderr.as_fd(), bytes),
         };
         if let Err(e) = r {
             if e.kind() == std::io::ErrorKind::BrokenPipe {
@@ -155,4 +153,20 @@ impl OutputSink {
             }
         }
     }
+}
+
+fn write_fd(fd: std::os::fd::BorrowedFd<'_>, mut bytes: &[u8]) -> std::io::Result<()> {
+    while !bytes.is_empty() {
+        match nix::unistd::write(fd, bytes) {
+            Ok(n) => bytes = &bytes[n..],
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => {
+                // A non-blocking console: wait until it takes more.
+                let mut p = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
+                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
