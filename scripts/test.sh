@@ -11,4 +11,3 @@ cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
 cargo build --locked --bins --examples
 cargo nextest run --locked --no-fail-fast
-cargo test --locked --doc
