@@ -7,7 +7,6 @@ use nix::fcntl::{FcntlArg, fcntl};
 use super::holder::{CONTROL_FD, HolderCommand, HolderRank, STATUS_FD};
 use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
 use crate::schema::RankSpec;
-use crate::schema::wire::{FrameReader, Outbox};
 use crate::sys::{SpawnSpec, inode_of, spawn};
 
 /// Rank pipes are enlarged to this size, so a fast writer makes fewer round trips through lamd.
@@ -72,10 +71,6 @@ impl Daemon {
         }
         let (ctl_r, ctl_w) = cloexec_pipe()?;
         let (st_r, st_w) = cloexec_pipe()?;
-        nonblocking(ctl_w.as_fd())?;
-        nonblocking(st_r.as_fd())?;
-        let control_pipe = inode_of(ctl_w.as_fd())?;
-        let status_pipe = inode_of(st_r.as_fd())?;
         let devnull = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -87,16 +82,7 @@ impl Daemon {
         }
         let (pid, pid_namespace) = start_holder(&fd_map)?;
         drop((ctl_r, st_w, child_ends, devnull));
-        let mut holder = Holder {
-            pid,
-            control: ctl_w,
-            control_out: Outbox::default(),
-            status: Some(st_r),
-            status_reader: FrameReader::new(),
-            control_pipe,
-            status_pipe,
-            pid_namespace,
-        };
+        let mut holder = Holder::new(pid, ctl_w, st_r, pid_namespace)?;
         self.expect_spawns = holder_ranks.len();
         holder.control_out.push(&HolderCommand::Spawn {
             ranks: holder_ranks,

@@ -136,6 +136,30 @@ pub fn main(args: DaemonArgs) -> i32 {
     }
 }
 
+impl Holder {
+    /// The holder `pid` with lamd's ends of its control (write) and status (read) pipes; the
+    /// pipes' inodes are what CRIU will call them in the next dump.
+    pub(crate) fn new(
+        pid: Pid,
+        control: OwnedFd,
+        status: OwnedFd,
+        pid_namespace: bool,
+    ) -> Result<Self, DaemonError> {
+        nonblocking(control.as_fd())?;
+        nonblocking(status.as_fd())?;
+        Ok(Holder {
+            pid,
+            control_pipe: crate::sys::inode_of(control.as_fd())?,
+            status_pipe: crate::sys::inode_of(status.as_fd())?,
+            control,
+            control_out: Outbox::default(),
+            status: Some(status),
+            status_reader: FrameReader::new(),
+            pid_namespace,
+        })
+    }
+}
+
 pub(crate) fn nonblocking(fd: BorrowedFd<'_>) -> Result<(), Errno> {
     let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
     fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;

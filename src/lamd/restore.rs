@@ -12,7 +12,6 @@ use nix::fcntl::{FcntlArg, fcntl};
 use super::dump::{open_dir, tcp_wanted};
 use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
 use crate::engine::criu::{self, Common};
-use crate::schema::wire::{FrameReader, Outbox};
 use crate::schema::{NodeImage, RankImage, RankSpec};
 
 impl Daemon {
@@ -92,10 +91,6 @@ impl Daemon {
         }
         let (ctl_r, ctl_w) = cloexec_pipe()?;
         let (st_r, st_w) = cloexec_pipe()?;
-        nonblocking(ctl_w.as_fd())?;
-        nonblocking(st_r.as_fd())?;
-        let control_pipe = crate::sys::inode_of(ctl_w.as_fd())?;
-        let status_pipe = crate::sys::inode_of(st_r.as_fd())?;
         inherit.push((format!("pipe:[{}]", image.control_pipe), ctl_r));
         inherit.push((format!("pipe:[{}]", image.status_pipe), st_w));
 
@@ -121,16 +116,12 @@ impl Daemon {
         })?;
         drop(borrowed);
         drop(inherit);
-        self.holder = Some(Holder {
-            pid: nix::unistd::Pid::from_raw(pid),
-            control: ctl_w,
-            control_out: Outbox::default(),
-            status: Some(st_r),
-            status_reader: FrameReader::new(),
-            control_pipe,
-            status_pipe,
-            pid_namespace: image.pid_namespace,
-        });
+        self.holder = Some(Holder::new(
+            nix::unistd::Pid::from_raw(pid),
+            ctl_w,
+            st_r,
+            image.pid_namespace,
+        )?);
         self.expect_spawns = 0;
         self.spawned = self
             .ranks
