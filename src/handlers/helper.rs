@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bincode::{Decode, Encode};
 
-use crate::schema::wire::{FrameReader, FromDaemon, Role, ToDaemon, recv, request};
+use crate::schema::wire::{FrameReader, FromDaemon, Role, ToDaemon, request};
 use crate::schema::{Epoch, FileEntry, JobId, NodeId, NodeImage};
 
 #[derive(Debug, Encode, Decode)]
@@ -106,7 +106,6 @@ fn one_node(
         &mut reader,
     )
     .map_err(|e| format!("no answer from lamd: {e}"))?;
-    let _ = recv::<FromDaemon>;
     match reply {
         FromDaemon::Checkpointed {
             image,

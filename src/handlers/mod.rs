@@ -14,7 +14,7 @@
 
 pub mod helper;
 
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -141,7 +141,6 @@ fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
         let result = checkpoint(&ctx, stop);
         shared.outcomes.lock().push(Outcome { result, requests });
         let _ = nix::unistd::write(&wake, &[1u8]);
-        let _ = wake.as_raw_fd();
     }
 }
 

@@ -449,18 +449,12 @@ impl Daemon {
                 epoch_dir,
                 image,
                 ranks,
-            } => {
-                let started = Instant::now();
-                match self.restore(&epoch_dir, image, ranks) {
-                    Ok(()) => {
-                        let _ = started;
-                        self.report_started_if_ready();
-                    }
-                    Err(e) => self.launcher.out.push(&FromDaemon::StartFailed {
-                        reason: crate::error_chain(&e),
-                    }),
-                }
-            }
+            } => match self.restore(&epoch_dir, image, ranks) {
+                Ok(()) => self.report_started_if_ready(),
+                Err(e) => self.launcher.out.push(&FromDaemon::StartFailed {
+                    reason: crate::error_chain(&e),
+                }),
+            },
             ToDaemon::StdinEof { rank } => {
                 if let Some(slot) = self.ranks.get_mut(&rank) {
                     slot.stdin_eof = true;
