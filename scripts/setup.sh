@@ -85,7 +85,15 @@ install_criu() {
         # upstream tarball alone builds a working criu, so fall back to it (checksum pinned).
         as_root apt-get source -qq criu/sid >/dev/null 2>&1 || true
         if [ ! -d "criu-${CRIU_VERSION}" ]; then
-            [ -f "criu_${CRIU_VERSION}.orig.tar.xz" ] || as_root apt-get source -qq --download-only criu/sid >/dev/null 2>&1 || true
+            if [ ! -f "criu_${CRIU_VERSION}.orig.tar.xz" ]; then
+                # Fetch just the upstream tarball, at the address apt itself reports, verified
+                # by apt-helper against the pinned hash.
+                uri=$(apt-get --print-uris source criu/sid 2>/dev/null \
+                    | awk -v f="criu_${CRIU_VERSION}.orig.tar.xz" '$2 == f { gsub("\047", "", $1); print $1 }')
+                [ -n "$uri" ] || { log "apt does not know criu_${CRIU_VERSION}.orig.tar.xz"; exit 1; }
+                as_root /usr/lib/apt/apt-helper download-file "$uri" "criu_${CRIU_VERSION}.orig.tar.xz" \
+                    "SHA256:${CRIU_ORIG_SHA256}" >/dev/null
+            fi
             echo "${CRIU_ORIG_SHA256}  criu_${CRIU_VERSION}.orig.tar.xz" | sha256sum -c --quiet
             as_root tar -xJf "criu_${CRIU_VERSION}.orig.tar.xz"
         fi

@@ -4,6 +4,8 @@ mod common;
 
 use std::time::Duration;
 
+use nix::sys::signal::Signal;
+
 use common::{Env, LiveJob, stderr_of, stdout_of, write_file};
 
 fn sorted_lines(s: &str) -> Vec<String> {
@@ -264,34 +266,31 @@ fn first_failure_decides_the_exit_status_and_stops_the_rest() {
     env.assert_no_leftovers();
 }
 
-#[test]
-fn sigterm_stops_the_job_gracefully() {
-    let env = Env::new();
-    let mut job = LiveJob::start(
-        &env,
-        &[
-            "run",
-            "-n",
-            "2",
-            "sh",
-            "-c",
-            "trap 'echo bye $LAMCR_RANK; exit 0' TERM; echo up; while :; do sleep 0.05; done",
-        ],
-    );
+/// Two ranks that run `trap` and then idle; returns once both have said they are up.
+fn two_idle_ranks(env: &Env, options: &[&str], trap: &str) -> LiveJob {
+    let script = format!("{trap}; echo up; while :; do sleep 0.05; done");
+    let mut args = vec!["run", "-n", "2"];
+    args.extend_from_slice(options);
+    args.extend(["sh", "-c", &script]);
+    let mut job = LiveJob::start(env, &args);
     job.wait_for("both ranks up", |l| {
         l.iter().filter(|x| *x == "up").count() == 2
     });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(job.pid() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )
-    .unwrap();
+    job
+}
+
+fn has_both(lines: &[String], prefix: &str) -> bool {
+    lines.contains(&format!("{prefix} 0")) && lines.contains(&format!("{prefix} 1"))
+}
+
+#[test]
+fn sigterm_stops_the_job_gracefully() {
+    let env = Env::new();
+    let job = two_idle_ranks(&env, &[], "trap 'echo bye $LAMCR_RANK; exit 0' TERM");
+    job.signal(Signal::SIGTERM);
     let (status, lines, err) = job.finish();
     assert_eq!(status.code(), Some(143), "{err}");
-    assert!(
-        lines.contains(&"bye 0".to_string()) && lines.contains(&"bye 1".to_string()),
-        "{lines:?}"
-    );
+    assert!(has_both(&lines, "bye"), "{lines:?}");
     assert!(err.contains("received SIGTERM"), "{err}");
     env.assert_no_leftovers();
 }
@@ -299,26 +298,10 @@ fn sigterm_stops_the_job_gracefully() {
 #[test]
 fn second_interrupt_kills_at_once() {
     let env = Env::new();
-    let mut job = LiveJob::start(
-        &env,
-        &[
-            "run",
-            "-n",
-            "2",
-            "--grace",
-            "60s",
-            "sh",
-            "-c",
-            "trap '' TERM INT; echo up; while :; do sleep 0.05; done",
-        ],
-    );
-    job.wait_for("both ranks up", |l| {
-        l.iter().filter(|x| *x == "up").count() == 2
-    });
-    let pid = nix::unistd::Pid::from_raw(job.pid() as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let mut job = two_idle_ranks(&env, &["--grace", "60s"], "trap '' TERM INT");
+    job.signal(Signal::SIGINT);
     job.wait_for_stderr("received SIGINT");
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    job.signal(Signal::SIGINT);
     let (status, _, err) = job.finish();
     assert_eq!(status.code(), Some(130), "{err}");
     env.assert_no_leftovers();
@@ -327,31 +310,49 @@ fn second_interrupt_kills_at_once() {
 #[test]
 fn usr2_is_forwarded_to_the_ranks() {
     let env = Env::new();
-    let mut job = LiveJob::start(
-        &env,
-        &[
-            "run",
-            "-n",
-            "2",
-            "sh",
-            "-c",
-            "trap 'echo usr2 $LAMCR_RANK; exit 0' USR2; echo up; while :; do sleep 0.05; done",
-        ],
-    );
-    job.wait_for("both ranks up", |l| {
-        l.iter().filter(|x| *x == "up").count() == 2
-    });
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(job.pid() as i32),
-        nix::sys::signal::Signal::SIGUSR2,
-    )
-    .unwrap();
+    let job = two_idle_ranks(&env, &[], "trap 'echo usr2 $LAMCR_RANK; exit 0' USR2");
+    job.signal(Signal::SIGUSR2);
     let (status, lines, err) = job.finish();
     assert!(status.success(), "{err}");
-    assert!(
-        lines.contains(&"usr2 0".to_string()) && lines.contains(&"usr2 1".to_string()),
-        "{lines:?}"
-    );
+    assert!(has_both(&lines, "usr2"), "{lines:?}");
+}
+
+#[test]
+fn tstp_stops_the_ranks_and_cont_resumes_them() {
+    let env = Env::new();
+    let job = two_idle_ranks(&env, &[], "trap 'exit 0' TERM");
+    let ranks = || -> Vec<char> {
+        env.leftovers()
+            .into_iter()
+            .filter(|(_, c)| c.starts_with("sh -c"))
+            .filter_map(|(pid, _)| {
+                let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+                stat.split(") ").nth(1)?.chars().next()
+            })
+            .collect()
+    };
+    let wait_state = |want_stopped: bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let states = ranks();
+            if states.len() == 2 && states.iter().all(|&s| (s == 'T') == want_stopped) {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rank states {states:?}, want stopped={want_stopped}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    job.signal(Signal::SIGTSTP);
+    wait_state(true);
+    job.signal(Signal::SIGCONT);
+    wait_state(false);
+    job.signal(Signal::SIGTERM);
+    let (status, _, err) = job.finish();
+    assert_eq!(status.code(), Some(143), "{err}");
+    env.assert_no_leftovers();
 }
 
 #[test]
@@ -538,6 +539,30 @@ fn many_ranks_on_one_node() {
             .filter(|l| l.ends_with("exited with status 0"))
             .count(),
         100
+    );
+    env.assert_no_leftovers();
+}
+
+#[test]
+fn hostfile_places_ranks_by_slot() {
+    let env = Env::new();
+    let hosts = env.path("hosts");
+    write_file(
+        &hosts,
+        "# two local nodes\nlocalhost slots=2\n127.0.0.1 slots=1 # one slot\n",
+    );
+    let o = env.run(&[
+        "run",
+        "--hostfile",
+        hosts.to_str().unwrap(),
+        "sh",
+        "-c",
+        "echo $LAMCR_RANK $LAMCR_NODE $LAMCR_LOCAL_RANK/$LAMCR_LOCAL_SIZE",
+    ]);
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(
+        sorted_lines(&stdout_of(&o)),
+        vec!["0 0 0/2", "1 0 1/2", "2 1 0/1"]
     );
     env.assert_no_leftovers();
 }

@@ -144,16 +144,6 @@ pub fn abandon(epoch_dir: &Path) {
     let _ = std::fs::remove_dir_all(epoch_dir);
 }
 
-/// Deletes committed epochs older than the newest `keep`.
-pub fn prune(job_dir: &Path, keep: usize) {
-    let epochs = committed_epochs(job_dir);
-    if epochs.len() > keep {
-        for (_, dir) in &epochs[..epochs.len() - keep] {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
 /// Size and xxh3-64 of a file.
 pub fn hash_file(path: &Path) -> std::io::Result<(u64, u64)> {
     let mut f = std::fs::File::open(path)?;

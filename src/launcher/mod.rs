@@ -361,9 +361,8 @@ impl Launcher {
     pub fn run(mut self) -> i32 {
         while !self.finished() {
             if let Err(e) = self.poll_once() {
-                eprintln!("lamcr: {}", crate::error_chain(&e));
                 self.fail(Failure::Start {
-                    reason: e.to_string(),
+                    reason: crate::error_chain(&e),
                 });
                 self.kill_all();
             }
@@ -620,8 +619,8 @@ impl Launcher {
                         eprintln!("lamcr: second interrupt; killing the job");
                         self.kill_all();
                     } else {
+                        // The first failure stops the job; a later signal changes nothing.
                         self.fail(Failure::Signal { signal: sig });
-                        self.terminate();
                     }
                 }
                 libc::SIGUSR1 => self.on_checkpoint_request(Request {

@@ -209,6 +209,12 @@ impl LiveJob {
         self.child.id()
     }
 
+    /// Sends `sig` to the launcher.
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), sig)
+            .expect("signal the launcher");
+    }
+
     /// Waits (bounded) until `pred` holds for the lines seen so far.
     pub fn wait_for(&mut self, what: &str, pred: impl Fn(&[String]) -> bool) {
         let deadline = Instant::now() + Duration::from_secs(30);
