@@ -155,6 +155,6 @@ pub fn main() -> i32 {
                 .map(|(n, p)| (crate::schema::NodeId(n), p))
                 .collect(),
         ),
-        Cmd::Resume { schema_fd } => restart::resume(schema_fd),
+        Cmd::Resume { schema_fd } => crate::launcher::resume::resume(schema_fd),
     }
 }

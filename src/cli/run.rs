@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::launcher::parse::{self, Placement};
 use crate::launcher::{Launcher, RunOptions, Start};
-use crate::schema::{IoOptions, JobId, Rank, StdinTarget};
+use crate::schema::{IoOptions, JobId, Rank, RestartPolicy, StdinTarget};
 
 /// Options that take a value (so the program name can be told apart from option values).
 pub const VALUE_OPTIONS: &[&str] = &[
@@ -25,6 +25,9 @@ pub const VALUE_OPTIONS: &[&str] = &[
     "--output-filename",
     "--ckpt-dir",
     "--grace",
+    "--ckpt-interval",
+    "--keep",
+    "--auto-restart",
 ];
 
 #[derive(Args, Debug)]
@@ -74,6 +77,8 @@ pub struct RunArgs {
     /// Time between SIGTERM and SIGKILL when the job is stopped.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    #[command(flatten)]
+    pub policy: PolicyArgs,
     /// The program and its arguments; `:` separates MPMD contexts.
     #[arg(
         trailing_var_arg = true,
@@ -81,6 +86,44 @@ pub struct RunArgs {
         value_name = "PROGRAM [ARGS]... [: ...]"
     )]
     pub command: Vec<String>,
+}
+
+/// Periodic checkpoints and automatic restarts (shared by `run` and `restart`).
+#[derive(Args, Debug, Clone, Default)]
+pub struct PolicyArgs {
+    /// Take a checkpoint every DURATION (`30s`, `10m`, `1h`).
+    #[arg(long, value_name = "DURATION", value_parser = parse_interval)]
+    pub ckpt_interval: Option<Duration>,
+    /// Keep only the newest N committed checkpoints (older ones go once a newer one is committed).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    pub keep: Option<u32>,
+    /// After a rank dies by a signal or a node is lost, restart from the newest checkpoint, at most
+    /// N times.
+    #[arg(long, value_name = "N", default_value = "0")]
+    pub auto_restart: u32,
+    /// With --auto-restart, a rank's non-zero exit is a failure to restart from too.
+    #[arg(long)]
+    pub auto_restart_on_exit: bool,
+}
+
+impl PolicyArgs {
+    pub fn policy(&self) -> RestartPolicy {
+        RestartPolicy {
+            ckpt_interval_ms: self.ckpt_interval.map(|d| d.as_millis() as u64),
+            keep: self.keep,
+            auto_restart: self.auto_restart,
+            restarts: 0,
+            on_exit: self.auto_restart_on_exit,
+        }
+    }
+}
+
+fn parse_interval(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| format!("{e} (try 30s, 10m or 1h)"))?;
+    if d < Duration::from_millis(10) {
+        return Err("the interval must be at least 10ms".into());
+    }
+    Ok(d)
 }
 
 fn parse_stdin(s: &str) -> Result<StdinTarget, String> {
@@ -166,6 +209,7 @@ fn prepare(a: &RunArgs) -> Result<(crate::schema::JobSpec, RunOptions), String> 
             .clone()
             .unwrap_or_else(crate::launcher::commit::default_ckpt_dir),
         launcher_argv: std::env::args().collect(),
+        policy: a.policy.policy(),
     };
     Ok((spec, opts))
 }

@@ -18,6 +18,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
@@ -34,6 +35,8 @@ pub struct CheckpointContext {
     pub launcher_argv: Vec<String>,
     /// Each node's lamd listening socket.
     pub nodes: Vec<(NodeId, PathBuf)>,
+    /// Keep only the newest N committed epochs (`--keep`).
+    pub keep: Option<u32>,
 }
 
 /// One request: who waits for it (a control connection id) and whether to end the job after.
@@ -63,6 +66,8 @@ pub struct Outcome {
 }
 
 struct Shared {
+    /// The job is failing: the checkpoint under way must not be committed, none may start.
+    abort: AtomicBool,
     queue: Mutex<Queue>,
     cv: Condvar,
     outcomes: Mutex<Vec<Outcome>>,
@@ -84,6 +89,7 @@ impl AsyncHandler {
     /// Starts the thread. `wake` is written one byte after each outcome.
     pub fn start(ctx: CheckpointContext, wake: OwnedFd) -> Self {
         let shared = Arc::new(Shared {
+            abort: AtomicBool::new(false),
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             outcomes: Mutex::new(Vec::new()),
@@ -103,6 +109,12 @@ impl AsyncHandler {
     pub fn request(&self, req: Request) {
         self.shared.queue.lock().requests.push(req);
         self.shared.cv.notify_one();
+    }
+
+    /// The job is failing: abandon the checkpoint under way (whatever its dumps say) and refuse
+    /// further ones, so a restart can only use an epoch committed before the failure.
+    pub fn abort(&self) {
+        self.shared.abort.store(true, Ordering::SeqCst);
     }
 
     /// Outcomes ready since the last call.
@@ -138,14 +150,22 @@ fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
             std::mem::take(&mut q.requests)
         };
         let stop = requests.iter().any(|r| r.term);
-        let result = checkpoint(&ctx, stop);
+        let result = if shared.abort.load(Ordering::SeqCst) {
+            Err("the job is failing".to_string())
+        } else {
+            checkpoint(&ctx, stop, &shared.abort)
+        };
         shared.outcomes.lock().push(Outcome { result, requests });
         let _ = nix::unistd::write(&wake, &[1u8]);
     }
 }
 
 /// Takes one checkpoint of the whole job.
-fn checkpoint(ctx: &CheckpointContext, stop: bool) -> Result<Committed, String> {
+fn checkpoint(
+    ctx: &CheckpointContext,
+    stop: bool,
+    abort: &AtomicBool,
+) -> Result<Committed, String> {
     let started = Instant::now();
     let (epoch, dir) = commit::allocate_epoch(&ctx.ckpt_dir, &ctx.job.job_id)
         .map_err(|e| crate::error_chain(&e))?;
@@ -220,6 +240,10 @@ fn checkpoint(ctx: &CheckpointContext, stop: bool) -> Result<Committed, String> 
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
+    if abort.load(Ordering::SeqCst) {
+        commit::abandon(&dir);
+        return Err("the job failed while the checkpoint was taken".into());
+    }
     let manifest = Manifest { schema, files };
     let bytes = match commit::commit(&dir, &manifest) {
         Ok(b) => b,
@@ -228,6 +252,9 @@ fn checkpoint(ctx: &CheckpointContext, stop: bool) -> Result<Committed, String> 
             return Err(crate::error_chain(&e));
         }
     };
+    if let Some(keep) = ctx.keep {
+        commit::prune(&ctx.ckpt_dir.join(&ctx.job.job_id.0), keep as usize);
+    }
     Ok(Committed {
         epoch,
         path: dir,

@@ -93,6 +93,18 @@ pub fn committed_epochs(job_dir: &Path) -> Vec<(Epoch, PathBuf)> {
     out
 }
 
+/// Deletes all but the newest `keep` committed epochs of a job directory. Called only right after
+/// a commit, so a newer checkpoint always exists before an older one goes.
+pub fn prune(job_dir: &Path, keep: usize) {
+    let epochs = committed_epochs(job_dir);
+    let excess = epochs.len().saturating_sub(keep);
+    for (_, dir) in &epochs[..excess] {
+        // Unpublish first (the manifest), so a half-deleted epoch never looks committed.
+        let _ = std::fs::remove_file(dir.join(FILE_NAME));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Creates the next epoch directory of a job: one more than any epoch directory present.
 pub fn allocate_epoch(ckpt_dir: &Path, job: &JobId) -> Result<(Epoch, PathBuf), StoreError> {
     private_dir(ckpt_dir, true)?;

@@ -12,6 +12,7 @@ pub mod commit;
 pub mod control;
 pub mod output;
 pub mod parse;
+pub mod resume;
 
 use std::collections::{BTreeMap, HashMap};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -31,7 +32,9 @@ use crate::schema::wire::{
     Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Role,
     ToDaemon, ToLauncher,
 };
-use crate::schema::{ExitStatus, JobSpec, NodeId, NodeImage, Rank, RankImage, Stream};
+use crate::schema::{
+    Epoch, ExitStatus, JobSpec, NodeId, NodeImage, Rank, RankImage, RestartPolicy, Stream,
+};
 use control::{JobInfo, RunDir};
 use output::OutputSink;
 
@@ -62,14 +65,16 @@ pub struct RunOptions {
     pub grace: Duration,
     pub ckpt_dir: PathBuf,
     pub launcher_argv: Vec<String>,
+    pub policy: RestartPolicy,
 }
 
 /// How the job is to be started.
 pub enum Start {
     /// Fresh ranks.
     Launch,
-    /// From a checkpoint: the epoch directory and each node's image.
+    /// From a checkpoint: its epoch, the epoch directory and each node's image.
     Restore {
+        epoch: Epoch,
         epoch_dir: PathBuf,
         nodes: Vec<NodeImage>,
     },
@@ -147,6 +152,22 @@ pub struct Launcher {
     info: JobInfo,
     terminated_by_checkpoint: bool,
     start: Start,
+    /// The newest checkpoint this job can restart from: the last one committed, or the one it
+    /// was restored from.
+    last_committed: Option<(Epoch, PathBuf)>,
+    /// When the next periodic checkpoint is due (`--ckpt-interval`).
+    next_ckpt: Option<Instant>,
+    /// A request is with the async handler and its outcome has not come back.
+    ckpt_inflight: bool,
+    /// The job failed and will be restored from a checkpoint once what is left of it is gone.
+    pending_restart: Option<PendingRestart>,
+}
+
+/// An automatic restart decided on at the failure, carried out at shutdown.
+struct PendingRestart {
+    what: String,
+    epoch: Epoch,
+    dir: PathBuf,
 }
 
 impl Launcher {
@@ -182,6 +203,7 @@ impl Launcher {
                 .iter()
                 .map(|n| (n.id, run_dir.node_socket(n.id.0)))
                 .collect(),
+            keep: opts.policy.keep,
         };
         let handler = AsyncHandler::start(ctx, wake_w);
         let mut sink = OutputSink::new(spec.io.clone());
@@ -245,7 +267,16 @@ impl Launcher {
             wake: wake_r,
             info,
             terminated_by_checkpoint: false,
+            last_committed: match &start {
+                Start::Restore {
+                    epoch, epoch_dir, ..
+                } => Some((*epoch, epoch_dir.clone())),
+                Start::Launch => None,
+            },
             start,
+            next_ckpt: None,
+            ckpt_inflight: false,
+            pending_restart: None,
         };
         if let Start::Restore { nodes, .. } = &l.start {
             for n in nodes {
@@ -330,7 +361,9 @@ impl Launcher {
             let ranks: Vec<_> = self.spec.ranks_on(node.id).cloned().collect();
             match &self.start {
                 Start::Launch => n.out.push(&ToDaemon::Launch { ranks }),
-                Start::Restore { epoch_dir, nodes } => {
+                Start::Restore {
+                    epoch_dir, nodes, ..
+                } => {
                     let image =
                         nodes
                             .iter()
@@ -420,6 +453,9 @@ impl Launcher {
         if self.terminated_by_checkpoint {
             return 0;
         }
+        if let Some(r) = self.pending_restart.take() {
+            self.restart_from(r);
+        }
         if self.opts.print_all_exitcodes {
             for r in &self.spec.ranks {
                 let s = self
@@ -436,11 +472,16 @@ impl Launcher {
         }
     }
 
-    fn fail(&mut self, f: Failure) {
-        if self.failure.is_some() || self.terminated_by_checkpoint {
-            return;
-        }
-        match &f {
+    /// One line's worth of what went wrong.
+    fn describe(&self, f: &Failure) -> String {
+        let host = |node: NodeId| {
+            self.spec
+                .nodes
+                .get(node.0 as usize)
+                .map(|n| n.host.clone())
+                .unwrap_or_default()
+        };
+        match f {
             Failure::Rank { rank, status } => {
                 let node = self
                     .spec
@@ -448,23 +489,107 @@ impl Launcher {
                     .get(rank.0 as usize)
                     .map(|r| r.node)
                     .unwrap_or(NodeId(0));
-                let host = &self.spec.nodes[node.0 as usize].host;
-                eprintln!("lamcr: rank {rank} on node {node} ({host}) {status}; stopping the job");
+                format!("rank {rank} on node {node} ({}) {status}", host(node))
             }
             Failure::NodeLost { node } => {
-                let host = &self.spec.nodes[node.0 as usize].host;
-                eprintln!("lamcr: node {node} ({host}) lost: its lamd exited; stopping the job");
+                format!("node {node} ({}) lost: its lamd exited", host(*node))
             }
             Failure::Signal { signal } => {
                 let name = nix::sys::signal::Signal::try_from(*signal)
                     .map(|s| s.as_str())
                     .unwrap_or("?");
-                eprintln!("lamcr: received {name}; stopping the job");
+                format!("received {name}")
             }
-            Failure::Start { reason } => eprintln!("lamcr: {reason}"),
+            Failure::Start { reason } => reason.clone(),
+        }
+    }
+
+    /// Whether `--auto-restart` covers this failure (a checkpoint to restart from aside).
+    fn restart_covers(&self, f: &Failure) -> bool {
+        let p = &self.opts.policy;
+        p.auto_restart > 0
+            && match f {
+                Failure::Rank { status, .. } => {
+                    matches!(status, ExitStatus::Signal(_)) || p.on_exit
+                }
+                Failure::NodeLost { .. } => true,
+                Failure::Signal { .. } | Failure::Start { .. } => false,
+            }
+    }
+
+    fn fail(&mut self, f: Failure) {
+        if self.failure.is_some() || self.terminated_by_checkpoint {
+            return;
+        }
+        let what = self.describe(&f);
+        if let Failure::Start { .. } = f {
+            eprintln!("lamcr: {what}");
+        } else if self.restart_covers(&f) {
+            let p = &self.opts.policy;
+            match &self.last_committed {
+                Some((epoch, dir)) if p.restarts < p.auto_restart => {
+                    // Nothing may be committed from here on: the restart uses this epoch.
+                    self.handler.abort();
+                    self.pending_restart = Some(PendingRestart {
+                        what,
+                        epoch: *epoch,
+                        dir: dir.clone(),
+                    });
+                    self.failure = Some(f);
+                    // Whatever is left is restored from the image: no grace period.
+                    self.kill_all();
+                    return;
+                }
+                Some(_) => eprintln!(
+                    "lamcr: {what}; stopping the job ({} automatic restarts used)",
+                    p.restarts
+                ),
+                None => {
+                    eprintln!("lamcr: {what}; stopping the job (no checkpoint to restart from)")
+                }
+            }
+        } else {
+            eprintln!("lamcr: {what}; stopping the job");
         }
         self.failure = Some(f);
         self.terminate();
+    }
+
+    /// Carries out an automatic restart: the launcher `execve`s itself with the newest committed
+    /// schema, keeping its pid and console. Returns only if that cannot be done.
+    fn restart_from(&mut self, r: PendingRestart) {
+        let p = &self.opts.policy;
+        eprintln!(
+            "lamcr: {}; restarting from checkpoint epoch {} (restart {} of {})",
+            r.what,
+            r.epoch,
+            p.restarts + 1,
+            p.auto_restart
+        );
+        let manifest = match commit::load(&r.dir) {
+            Ok(m) => m,
+            Err(e) => {
+                eprintln!("lamcr: cannot restart: {}", crate::error_chain(&e));
+                return;
+            }
+        };
+        let handover = resume::Handover {
+            schema: manifest.schema,
+            epoch_dir: r.dir.display().to_string(),
+            print_all_exitcodes: self.opts.print_all_exitcodes,
+            grace_ms: self.opts.grace.as_millis() as u64,
+            policy: RestartPolicy {
+                restarts: p.restarts + 1,
+                ..p.clone()
+            },
+            job_id: Some(self.spec.job_id.clone()),
+            replay_marker: true,
+        };
+        // The new image makes the same job's run directory again; nothing else outlives exec
+        // (every other fd is close-on-exec, every child has been reaped).
+        let _ = std::fs::remove_dir_all(&self.run_dir.path);
+        let err = resume::exec(&handover);
+        eprintln!("lamcr: cannot restart: cannot exec /proc/self/exe: {err}");
     }
 
     fn terminate(&mut self) {
@@ -529,7 +654,11 @@ impl Launcher {
             fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
             srcs.push(Src::Stdin);
         }
-        match poll(&mut fds, PollTimeout::from(1000u16)) {
+        let timeout = self
+            .next_ckpt
+            .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u16)
+            .map_or(1000, |ms| ms.min(1000));
+        match poll(&mut fds, PollTimeout::from(timeout)) {
             Ok(_) | Err(Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
@@ -567,7 +696,34 @@ impl Launcher {
         }
         self.conns
             .retain(|_, c| !(c.closing && c.out.pending() == 0));
+        self.periodic_checkpoint();
         Ok(())
+    }
+
+    /// `--ckpt-interval`: asks for a checkpoint when one is due and none is under way.
+    fn periodic_checkpoint(&mut self) {
+        if let Some(due) = self.next_ckpt
+            && self.state == State::Running
+            && !self.ckpt_inflight
+            && Instant::now() >= due
+        {
+            self.next_ckpt = None;
+            self.on_checkpoint_request(Request {
+                waiter: None,
+                term: false,
+            });
+        }
+    }
+
+    fn schedule_checkpoint(&mut self) {
+        if let Some(ms) = self.opts.policy.ckpt_interval_ms {
+            self.next_ckpt = Some(Instant::now() + Duration::from_millis(ms));
+        }
+    }
+
+    fn submit(&mut self, req: Request) {
+        self.ckpt_inflight = true;
+        self.handler.request(req);
     }
 
     fn stdin_window_open(&self) -> bool {
@@ -721,8 +877,9 @@ impl Launcher {
                 self.nodes[i].started = true;
                 if self.state == State::Starting && self.nodes.iter().all(|n| n.started || n.gone) {
                     self.state = State::Running;
+                    self.schedule_checkpoint();
                     for req in std::mem::take(&mut self.held) {
-                        self.handler.request(req);
+                        self.submit(req);
                     }
                 }
             }
@@ -751,7 +908,7 @@ impl Launcher {
     fn on_checkpoint_request(&mut self, req: Request) {
         match self.state {
             State::Starting => self.held.push(req),
-            State::Running => self.handler.request(req),
+            State::Running => self.submit(req),
             State::Stopping => {
                 self.reply(
                     req.waiter,
@@ -764,6 +921,10 @@ impl Launcher {
     }
 
     fn on_outcome(&mut self, o: Outcome) {
+        self.ckpt_inflight = false;
+        if self.state == State::Running {
+            self.schedule_checkpoint();
+        }
         let reply = match &o.result {
             Ok(c) => {
                 let size = human_bytes(c.bytes);
@@ -775,6 +936,7 @@ impl Launcher {
                     c.path.display()
                 );
                 self.info.latest = c.path.display().to_string();
+                self.last_committed = Some((c.epoch, c.path.clone()));
                 self.run_dir.write_info(&self.info);
                 FromLauncher::Committed {
                     epoch: c.epoch,
@@ -784,7 +946,11 @@ impl Launcher {
                 }
             }
             Err(reason) => {
-                eprintln!("lamcr: checkpoint failed: {reason}; the job continues");
+                if self.failure.is_some() {
+                    eprintln!("lamcr: checkpoint abandoned: {reason}");
+                } else {
+                    eprintln!("lamcr: checkpoint failed: {reason}; the job continues");
+                }
                 FromLauncher::Failed {
                     reason: reason.clone(),
                 }

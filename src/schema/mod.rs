@@ -275,3 +275,19 @@ pub struct RestartSchema {
     /// Seconds since the epoch when the checkpoint was committed.
     pub created_unix: u64,
 }
+
+/// What the launcher does on its own about checkpoints and failures (`--ckpt-interval`, `--keep`,
+/// `--auto-restart`). It travels across a restart's `execve` so the policy outlives one run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Encode, Decode)]
+pub struct RestartPolicy {
+    /// Take a checkpoint this often (milliseconds after the previous one ended).
+    pub ckpt_interval_ms: Option<u64>,
+    /// Keep only the newest N committed epochs of the job.
+    pub keep: Option<u32>,
+    /// Restarts allowed in all.
+    pub auto_restart: u32,
+    /// Restarts done so far.
+    pub restarts: u32,
+    /// A rank's non-zero exit counts as a failure to restart from, not only a signal.
+    pub on_exit: bool,
+}

@@ -106,6 +106,27 @@ impl Env {
         out
     }
 
+    /// The live process of this test that is rank `rank` (its environment says so).
+    pub fn rank_pid(&self, rank: u32) -> Option<i32> {
+        let needle = format!("LAMCR_RANK={rank}");
+        self.leftovers()
+            .into_iter()
+            .filter(|(_, cmd)| !cmd.starts_with("criu") && !cmd.contains("lamcr "))
+            .find(|(pid, _)| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|e| e.split(|&b| b == 0).any(|kv| kv == needle.as_bytes()))
+            })
+            .map(|(pid, _)| pid)
+    }
+
+    /// The live process of this test whose command line contains `what`.
+    pub fn process(&self, what: &str) -> Option<i32> {
+        self.leftovers()
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains(what))
+            .map(|(pid, _)| pid)
+    }
+
     /// Waits (bounded) until no process of this test is left, and fails with the list otherwise.
     pub fn assert_no_leftovers(&self) {
         let deadline = Instant::now() + Duration::from_secs(15);
@@ -297,4 +318,18 @@ pub fn stdout_of(o: &Output) -> String {
 
 pub fn write_file(path: &Path, text: &str) {
     std::fs::write(path, text).expect("write fixture");
+}
+
+/// Polls `cond` until it returns `Some` (bounded by `limit`); panics naming `what` otherwise.
+pub fn wait_until<T>(what: &str, limit: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
