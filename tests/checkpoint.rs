@@ -319,3 +319,60 @@ fn bad_checkpoints_are_refused_with_the_file_named_and_nothing_started() {
         env.assert_no_leftovers();
     }
 }
+
+/// Two ranks talking over an established TCP connection on loopback: `checkpoint --term`, then a
+/// restart continues the very same connection, with no number lost, repeated or out of order.
+#[test]
+fn tcp_connections_between_ranks_survive_checkpoint_and_restart() {
+    if !criu_available("tcp_connections_between_ranks") {
+        return;
+    }
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let lines = 60u64;
+    let mut job = LiveJob::start(
+        &env,
+        &[
+            "run",
+            "-n",
+            "2",
+            &example("pingpong"),
+            &port,
+            &lines.to_string(),
+            "20",
+        ],
+    );
+    let seen = |l: &[String], r: u64| {
+        l.iter()
+            .filter(|l| l.starts_with(&format!("rank {r} seq")))
+            .count()
+    };
+    job.wait_for("5 exchanges", |l| seen(l, 1) >= 5);
+    let ck = env.run(&["checkpoint", "--term"]);
+    assert!(ck.status.success(), "{}", stderr_of(&ck));
+    let path = stdout_of(&ck).trim().to_string();
+    let (status, before, err) = job.finish();
+    assert!(status.success(), "{err}");
+    let o = env.run(&["restart", &path]);
+    assert!(o.status.success(), "{}{}", stdout_of(&o), stderr_of(&o));
+    let after: Vec<String> = stdout_of(&o).lines().map(String::from).collect();
+    for r in 0..2u64 {
+        let nums = |ls: &[String]| -> Vec<u64> {
+            ls.iter()
+                .filter_map(|l| l.strip_prefix(&format!("rank {r} seq ")))
+                .map(|n| n.parse().unwrap())
+                .collect()
+        };
+        let mut all = nums(&before);
+        assert!(!nums(&after).is_empty(), "rank {r} printed after restore");
+        all.extend(nums(&after));
+        assert_eq!(all, (0..lines).collect::<Vec<_>>(), "rank {r}");
+    }
+    assert!(!after.iter().any(|l| l.contains("broken")), "{after:?}");
+    env.assert_no_leftovers();
+}
