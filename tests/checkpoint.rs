@@ -376,3 +376,63 @@ fn tcp_connections_between_ranks_survive_checkpoint_and_restart() {
     assert!(!after.iter().any(|l| l.contains("broken")), "{after:?}");
     env.assert_no_leftovers();
 }
+
+/// On a terminal, checkpoint and restart draw a progress bar (ranks done, bytes); either way one
+/// summary line follows. The terminal is a real pty, from util-linux's `script`.
+#[test]
+fn progress_bars_on_a_terminal_and_summary_lines() {
+    if !criu_available("progress_bars_on_a_terminal") {
+        return;
+    }
+    let env = Env::new();
+    let mut job = LiveJob::start(
+        &env,
+        &[
+            "run",
+            "-n",
+            "2",
+            &example("counter"),
+            "150",
+            "20",
+            "16",
+            "0",
+        ],
+    );
+    job.wait_for("both ranks", |l| {
+        (0..2).all(|r| l.iter().any(|l| l.starts_with(&format!("rank {r} seq"))))
+    });
+    let on_tty = |args: &str| {
+        let c = env.cmd(&[]);
+        let mut script = std::process::Command::new("script");
+        script
+            .args(["-qefc", &format!("{} {args}", common::LAMCR), "/dev/null"])
+            .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let o = common::wait_output(
+            script.spawn().expect("script (util-linux)"),
+            std::time::Duration::from_secs(60),
+        );
+        (o.status.success(), stdout_of(&o))
+    };
+    let (ok, tty) = on_tty("checkpoint --term");
+    assert!(ok, "{tty}");
+    assert!(tty.contains("checkpoint ["), "no bar: {tty:?}");
+    assert!(tty.contains("2/2 ranks"), "{tty:?}");
+    assert!(tty.contains("lamcr: checkpoint of job"), "{tty:?}");
+    let (status, _, _) = job.finish();
+    assert!(status.success());
+    let job_dir = std::fs::read_dir(env.ckpt_dir())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let (ok, tty) = on_tty(&format!("restart {}", job_dir.display()));
+    assert!(ok, "{tty}");
+    assert!(tty.contains("restore ["), "no bar: {tty:?}");
+    assert!(tty.contains("lamcr: restored 2 ranks"), "{tty:?}");
+    assert!(tty.contains("rank 1 mem ok"), "{tty:?}");
+    env.assert_no_leftovers();
+}

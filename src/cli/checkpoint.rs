@@ -48,11 +48,26 @@ pub fn main(a: CheckpointArgs) -> i32 {
         eprintln!("lamcr: cannot reach the launcher of job {}: {e}", info.job);
         return 1;
     }
-    let spinner = progress();
+    let bar = crate::launcher::output::progress_bar("checkpoint");
     let mut reader = FrameReader::new();
-    let answer = recv::<FromLauncher>(stream.as_fd(), &mut reader);
-    if let Some(s) = spinner {
-        s.finish_and_clear();
+    let answer = loop {
+        match recv::<FromLauncher>(stream.as_fd(), &mut reader) {
+            Ok(FromLauncher::Progress {
+                bytes,
+                ranks_done,
+                ranks,
+            }) => {
+                if let Some(b) = &bar {
+                    b.set_length(u64::from(ranks));
+                    b.set_position(u64::from(ranks_done));
+                    b.set_message(format!("{} written", crate::launcher::human_bytes(bytes)));
+                }
+            }
+            other => break other,
+        }
+    };
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
     match answer {
         Ok(FromLauncher::Committed {
@@ -71,6 +86,7 @@ pub fn main(a: CheckpointArgs) -> i32 {
             eprintln!("lamcr: checkpoint of job {} failed: {reason}", info.job);
             1
         }
+        Ok(FromLauncher::Progress { .. }) => unreachable!("progress is consumed above"),
         Err(e) => {
             eprintln!(
                 "lamcr: the launcher of job {} did not answer: {e}",
@@ -79,18 +95,6 @@ pub fn main(a: CheckpointArgs) -> i32 {
             1
         }
     }
-}
-
-/// A spinner on a terminal while the checkpoint runs; nothing otherwise.
-fn progress() -> Option<indicatif::ProgressBar> {
-    use std::io::IsTerminal;
-    if !std::io::stderr().is_terminal() {
-        return None;
-    }
-    let s = indicatif::ProgressBar::new_spinner();
-    s.set_message("checkpointing");
-    s.enable_steady_tick(std::time::Duration::from_millis(100));
-    Some(s)
 }
 
 pub fn ps() -> i32 {

@@ -1,7 +1,9 @@
 //! The checkpoint helper: a short-lived process (`lamcr helper`) started by the async handler.
 //! It connects to every lamd's listening socket at once, orders the dump, waits for every node
-//! (each bounded by `LAMCR_CKPT_TIMEOUT`, default 600 s) and prints one [`Report`] on stdout.
-//! Nodes dump in parallel. Being a separate process, it can never block the launcher's loop.
+//! (each bounded by `LAMCR_CKPT_TIMEOUT`, default 600 s) and writes one [`NodeResult`] on stdout
+//! per node as soon as that node is done (`u32` LE length + bincode), so the async handler can
+//! report progress. Nodes dump in parallel. Being a separate process, it can never block the
+//! launcher's loop.
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -26,11 +28,6 @@ pub struct NodeResult {
     pub result: Result<NodeDone, String>,
 }
 
-#[derive(Debug, Encode, Decode)]
-pub struct Report {
-    pub nodes: Vec<NodeResult>,
-}
-
 /// Runs the helper; returns its exit code.
 pub fn main(
     job: JobId,
@@ -43,32 +40,47 @@ pub fn main(
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(600);
-    let threads: Vec<_> = nodes
-        .into_iter()
-        .map(|(node, sock)| {
-            let job = job.clone();
-            let dir = dir.clone();
-            std::thread::spawn(move || NodeResult {
-                node,
-                result: one_node(&job, node, epoch, &dir, stop, &sock, timeout),
-            })
-        })
-        .collect();
-    let nodes = threads
-        .into_iter()
-        .map(|t| {
-            t.join().unwrap_or(NodeResult {
-                node: NodeId(u32::MAX),
-                result: Err("helper thread panicked".into()),
-            })
-        })
-        .collect();
-    let bytes = crate::schema::codec::encode(&Report { nodes });
-    use std::io::Write;
-    match std::io::stdout().lock().write_all(&bytes) {
-        Ok(()) => 0,
-        Err(_) => 1,
+    let (tx, rx) = std::sync::mpsc::channel();
+    let count = nodes.len();
+    for (node, sock) in nodes {
+        let job = job.clone();
+        let dir = dir.clone();
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            let result = one_node(&job, node, epoch, &dir, stop, &sock, timeout);
+            let _ = tx.send(NodeResult { node, result });
+        });
     }
+    drop(tx);
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut reported = 0;
+    for r in rx {
+        let bytes = crate::schema::codec::encode(&r);
+        let ok = out
+            .write_all(&(bytes.len() as u32).to_le_bytes())
+            .and_then(|_| out.write_all(&bytes))
+            .and_then(|_| out.flush());
+        if ok.is_err() {
+            return 1;
+        }
+        reported += 1;
+    }
+    if reported == count { 0 } else { 1 }
+}
+
+/// Splits the helper's output into node results; `None` while a result is incomplete.
+pub fn next_result(buf: &mut Vec<u8>) -> Option<Result<NodeResult, String>> {
+    if buf.len() < 4 {
+        return None;
+    }
+    let len = u32::from_le_bytes([buf[0], buf[1], buf[2], buf[3]]) as usize;
+    if buf.len() < 4 + len {
+        return None;
+    }
+    let r = crate::schema::codec::decode(&buf[4..4 + len]).map_err(|e| e.to_string());
+    buf.drain(..4 + len);
+    Some(r)
 }
 
 fn one_node(

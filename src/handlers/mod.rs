@@ -15,7 +15,7 @@
 pub mod helper;
 
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -65,7 +65,17 @@ pub struct Outcome {
     pub requests: Vec<Request>,
 }
 
+/// How far the checkpoint under way has got.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// Image bytes written so far.
+    pub bytes: u64,
+    pub ranks_done: u32,
+    pub ranks: u32,
+}
+
 struct Shared {
+    progress: Mutex<Option<Progress>>,
     /// The job is failing: the checkpoint under way must not be committed, none may start.
     abort: AtomicBool,
     queue: Mutex<Queue>,
@@ -90,6 +100,7 @@ impl AsyncHandler {
     pub fn start(ctx: CheckpointContext, wake: OwnedFd) -> Self {
         let shared = Arc::new(Shared {
             abort: AtomicBool::new(false),
+            progress: Mutex::new(None),
             queue: Mutex::new(Queue::default()),
             cv: Condvar::new(),
             outcomes: Mutex::new(Vec::new()),
@@ -115,6 +126,11 @@ impl AsyncHandler {
     /// further ones, so a restart can only use an epoch committed before the failure.
     pub fn abort(&self) {
         self.shared.abort.store(true, Ordering::SeqCst);
+    }
+
+    /// The newest progress of the checkpoint under way, if any came since the last call.
+    pub fn take_progress(&self) -> Option<Progress> {
+        self.shared.progress.lock().take()
     }
 
     /// Outcomes ready since the last call.
@@ -153,7 +169,11 @@ fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
         let result = if shared.abort.load(Ordering::SeqCst) {
             Err("the job is failing".to_string())
         } else {
-            checkpoint(&ctx, stop, &shared.abort)
+            let progress = |p: Progress| {
+                *shared.progress.lock() = Some(p);
+                let _ = nix::unistd::write(&wake, &[2u8]);
+            };
+            checkpoint(&ctx, stop, &shared.abort, &progress)
         };
         shared.outcomes.lock().push(Outcome { result, requests });
         let _ = nix::unistd::write(&wake, &[1u8]);
@@ -165,6 +185,7 @@ fn checkpoint(
     ctx: &CheckpointContext,
     stop: bool,
     abort: &AtomicBool,
+    progress: &dyn Fn(Progress),
 ) -> Result<Committed, String> {
     let started = Instant::now();
     let (epoch, dir) = commit::allocate_epoch(&ctx.ckpt_dir, &ctx.job.job_id)
@@ -189,7 +210,7 @@ fn checkpoint(
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn();
-    let child = match child {
+    let mut child = match child {
         Ok(c) => c,
         Err(e) => {
             commit::abandon(&dir);
@@ -205,30 +226,27 @@ fn checkpoint(
         nodes: Vec::new(),
         created_unix: 0,
     };
-    let output = child
-        .wait_with_output()
+    let ranks = ctx.job.ranks.len() as u32;
+    let results = collect_results(&mut child, &dir, ranks, &ctx.job, progress);
+    let status = child
+        .wait()
         .map_err(|e| format!("checkpoint helper failed: {e}"))?;
-    let report: helper::Report = match crate::schema::codec::decode(&output.stdout) {
-        Ok(r) => r,
-        Err(_) => {
-            commit::abandon(&dir);
-            return Err(format!(
-                "checkpoint helper exited with {} without a report",
-                output.status
-            ));
-        }
-    };
     let mut files = Vec::new();
     let mut failures = Vec::new();
     let mut dump_ms = 0;
-    for node in report.nodes {
-        match node.result {
-            Ok(done) => {
-                dump_ms = dump_ms.max(done.dump_ms);
-                files.extend(done.files);
-                schema.nodes.push(done.image);
-            }
-            Err(reason) => failures.push(format!("node {}: {reason}", node.node)),
+    for (node, _) in &ctx.nodes {
+        match results.iter().position(|r| r.node == *node) {
+            None => failures.push(format!(
+                "node {node}: the checkpoint helper ({status}) gave no report"
+            )),
+            Some(i) => match &results[i].result {
+                Ok(done) => {
+                    dump_ms = dump_ms.max(done.dump_ms);
+                    files.extend(done.files.iter().cloned());
+                    schema.nodes.push(done.image.clone());
+                }
+                Err(reason) => failures.push(format!("node {node}: {reason}")),
+            },
         }
     }
     if !failures.is_empty() {
@@ -266,3 +284,64 @@ fn checkpoint(
 }
 
 use std::os::unix::process::CommandExt;
+
+/// Reads the helper's node results as they come, reporting progress every 100 ms meanwhile.
+fn collect_results(
+    child: &mut std::process::Child,
+    dir: &Path,
+    ranks: u32,
+    job: &JobSpec,
+    progress: &dyn Fn(Progress),
+) -> Vec<helper::NodeResult> {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::Read;
+    use std::os::fd::AsFd;
+    let mut results: Vec<helper::NodeResult> = Vec::new();
+    let Some(mut out) = child.stdout.take() else {
+        return results;
+    };
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        let readable = {
+            let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::from(100u16)).is_ok_and(|n| n > 0)
+        };
+        if readable {
+            match out.read(&mut chunk) {
+                Ok(0) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            }
+            while let Some(Ok(r)) = helper::next_result(&mut buf) {
+                results.push(r);
+            }
+        }
+        let ranks_done = results
+            .iter()
+            .filter(|r| r.result.is_ok())
+            .map(|r| job.ranks_on(r.node).count() as u32)
+            .sum();
+        progress(Progress {
+            bytes: dir_size(dir),
+            ranks_done,
+            ranks,
+        });
+    }
+    results
+}
+
+/// Bytes of the files under `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            Ok(_) => e.metadata().map(|m| m.len()).unwrap_or(0),
+            Err(_) => 0,
+        })
+        .sum()
+}

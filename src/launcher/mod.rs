@@ -118,6 +118,8 @@ struct ControlConn {
     out: Outbox,
     greeted: bool,
     closing: bool,
+    /// It asked for a checkpoint: it gets progress reports until the answer.
+    waiting: bool,
 }
 
 /// Job state, as an enum carrying what each state needs.
@@ -161,6 +163,19 @@ pub struct Launcher {
     ckpt_inflight: bool,
     /// The job failed and will be restored from a checkpoint once what is left of it is gone.
     pending_restart: Option<PendingRestart>,
+    /// While a restore is under way: how far it has got.
+    restoring: Option<RestoreProgress>,
+}
+
+/// Progress of a restore: a bar on a terminal, then one summary line.
+struct RestoreProgress {
+    bar: Option<indicatif::ProgressBar>,
+    started: Instant,
+    dir: PathBuf,
+    /// Image bytes of each node.
+    node_bytes: HashMap<NodeId, u64>,
+    bytes: u64,
+    ranks: u64,
 }
 
 /// An automatic restart decided on at the failure, carried out at shutdown.
@@ -277,7 +292,34 @@ impl Launcher {
             next_ckpt: None,
             ckpt_inflight: false,
             pending_restart: None,
+            restoring: None,
         };
+        if let Start::Restore {
+            epoch_dir, nodes, ..
+        } = &l.start
+        {
+            let node_bytes: HashMap<NodeId, u64> = nodes
+                .iter()
+                .filter(|n| !n.images_dir.is_empty())
+                .map(|n| {
+                    let size = crate::handlers::dir_size(&epoch_dir.join(&n.images_dir));
+                    (n.node, size)
+                })
+                .collect();
+            let bar = output::progress_bar("restore");
+            if let Some(b) = &bar {
+                b.set_length(l.spec.ranks.len() as u64);
+                b.set_message(format!("0 B of {}", human_bytes(node_bytes.values().sum())));
+            }
+            l.restoring = Some(RestoreProgress {
+                bar,
+                started: Instant::now(),
+                dir: epoch_dir.clone(),
+                node_bytes,
+                bytes: 0,
+                ranks: 0,
+            });
+        }
         if let Start::Restore { nodes, .. } = &l.start {
             for n in nodes {
                 for r in &n.ranks {
@@ -674,6 +716,9 @@ impl Launcher {
                 Src::Wake => {
                     let mut b = [0u8; 16];
                     let _ = nix::unistd::read(self.wake.as_fd(), &mut b);
+                    if let Some(p) = self.handler.take_progress() {
+                        self.on_progress(p);
+                    }
                     for o in self.handler.take_outcomes() {
                         self.on_outcome(o);
                     }
@@ -875,9 +920,35 @@ impl Launcher {
             FromDaemon::Hello { .. } => {}
             FromDaemon::Started { .. } => {
                 self.nodes[i].started = true;
+                let id = self.nodes[i].id;
+                let node_ranks = self.spec.ranks_on(id).count() as u64;
+                if let Some(r) = &mut self.restoring {
+                    r.ranks += node_ranks;
+                    r.bytes += r.node_bytes.get(&id).copied().unwrap_or(0);
+                    if let Some(b) = &r.bar {
+                        b.set_position(r.ranks);
+                        b.set_message(format!(
+                            "{} of {}",
+                            human_bytes(r.bytes),
+                            human_bytes(r.node_bytes.values().sum())
+                        ));
+                    }
+                }
                 if self.state == State::Starting && self.nodes.iter().all(|n| n.started || n.gone) {
                     self.state = State::Running;
                     self.schedule_checkpoint();
+                    if let Some(r) = self.restoring.take() {
+                        if let Some(b) = r.bar {
+                            b.finish_and_clear();
+                        }
+                        eprintln!(
+                            "lamcr: restored {} ranks, {} in {:.2} s <- {}",
+                            self.spec.ranks.len(),
+                            human_bytes(r.bytes),
+                            r.started.elapsed().as_secs_f64(),
+                            r.dir.display()
+                        );
+                    }
                     for req in std::mem::take(&mut self.held) {
                         self.submit(req);
                     }
@@ -972,6 +1043,18 @@ impl Launcher {
         }
     }
 
+    /// Passes the checkpoint's progress to everyone waiting for it.
+    fn on_progress(&mut self, p: crate::handlers::Progress) {
+        for c in self.conns.values_mut().filter(|c| c.waiting && !c.closing) {
+            c.out.push(&FromLauncher::Progress {
+                bytes: p.bytes,
+                ranks_done: p.ranks_done,
+                ranks: p.ranks,
+            });
+            let _ = c.out.flush(c.fd.as_fd());
+        }
+    }
+
     fn reply(&mut self, waiter: Option<u64>, msg: FromLauncher) {
         if let Some(c) = waiter.and_then(|w| self.conns.get_mut(&w)) {
             c.out.push(&msg);
@@ -993,6 +1076,7 @@ impl Launcher {
                         out: Outbox::default(),
                         greeted: false,
                         closing: false,
+                        waiting: false,
                     },
                 );
             }
@@ -1020,11 +1104,13 @@ impl Launcher {
                         c.greeted = true;
                     }
                 }
-                Ok(Some(Frame::Message(ToLauncher::Checkpoint { term }))) if c.greeted => reqs
-                    .push(Request {
+                Ok(Some(Frame::Message(ToLauncher::Checkpoint { term }))) if c.greeted => {
+                    c.waiting = true;
+                    reqs.push(Request {
                         waiter: Some(id),
                         term,
-                    }),
+                    })
+                }
                 Ok(None) => break,
                 Ok(Some(_)) | Err(_) => {
                     c.out.push(&FromLauncher::Failed {

@@ -170,3 +170,21 @@ fn write_fd(fd: std::os::fd::BorrowedFd<'_>, mut bytes: &[u8]) -> std::io::Resul
     }
     Ok(())
 }
+
+/// A progress bar on a terminal for a checkpoint or restore (ranks done, bytes); nothing
+/// otherwise: the summary line says it all.
+pub fn progress_bar(prefix: &'static str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let b = indicatif::ProgressBar::new(0);
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{spinner} {prefix} [{bar:30}] {pos}/{len} ranks, {msg} ({elapsed})",
+    ) {
+        b.set_style(style.progress_chars("=> "));
+    }
+    b.set_prefix(prefix);
+    b.enable_steady_tick(std::time::Duration::from_millis(100));
+    Some(b)
+}

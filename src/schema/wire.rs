@@ -18,7 +18,7 @@ use super::codec::{self, CodecError};
 use super::{Epoch, ExitStatus, FileEntry, JobId, NodeId, NodeImage, Rank, RankSpec};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// First bytes of every hello, so a stray connection is told apart from a peer speaking another version.
 pub const MAGIC: [u8; 4] = *b"LAMD";
 /// The largest frame accepted (16 MiB).
@@ -161,6 +161,12 @@ pub enum FromLauncher {
     },
     Failed {
         reason: String,
+    },
+    /// How far the checkpoint has got (sent while it runs, before `Committed` or `Failed`).
+    Progress {
+        bytes: u64,
+        ranks_done: u32,
+        ranks: u32,
     },
 }
 
