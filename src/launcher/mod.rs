@@ -976,18 +976,13 @@ impl Launcher {
         }
     }
 
+    /// Start-up and teardown are the launcher's critical sections: a request made then is held,
+    /// never dropped. Held at start-up, it is taken once every node runs; held at teardown, it is
+    /// answered when the job ends (there is nothing left to checkpoint).
     fn on_checkpoint_request(&mut self, req: Request) {
         match self.state {
-            State::Starting => self.held.push(req),
+            State::Starting | State::Stopping => self.held.push(req),
             State::Running => self.submit(req),
-            State::Stopping => {
-                self.reply(
-                    req.waiter,
-                    FromLauncher::Failed {
-                        reason: "the job is stopping".into(),
-                    },
-                );
-            }
         }
     }
 
