@@ -76,6 +76,7 @@ impl Daemon {
             tcp_established: tcp_wanted(),
         };
         let mut snapshot = None;
+        let digest = super::digest::Follower::start(&dir);
         let result = criu::dump(pid, &common, stop, &mut |stage| {
             if stage == "post-dump" {
                 self.drain_frozen();
@@ -99,7 +100,9 @@ impl Daemon {
         }
         let dump_ms = started.elapsed().as_millis() as u64;
         let image = snapshot.unwrap_or_else(|| self.node_image(rel.clone()));
-        let files = checksum_dir(&dir, &rel)?;
+        let files = digest
+            .finish(&rel)
+            .map_err(|(path, source)| DumpError::Checksum { path, source })?;
         Ok((image, files, dump_ms))
     }
 
@@ -174,37 +177,6 @@ pub(crate) fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
         OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
         Mode::empty(),
     )?)
-}
-
-/// Sizes and checksums of every file in `dir`, named `prefix/<file>`.
-pub(crate) fn checksum_dir(dir: &Path, prefix: &str) -> Result<Vec<FileEntry>, DumpError> {
-    let mut files = Vec::new();
-    let entries = std::fs::read_dir(dir).map_err(|source| DumpError::Checksum {
-        path: dir.to_path_buf(),
-        source,
-    })?;
-    for entry in entries {
-        let entry = entry.map_err(|source| DumpError::Checksum {
-            path: dir.to_path_buf(),
-            source,
-        })?;
-        let path = entry.path();
-        if !path.is_file() {
-            continue;
-        }
-        let (size, xxh3) =
-            crate::launcher::commit::hash_file(&path).map_err(|source| DumpError::Checksum {
-                path: path.clone(),
-                source,
-            })?;
-        files.push(FileEntry {
-            path: format!("{prefix}/{}", entry.file_name().to_string_lossy()),
-            size,
-            xxh3,
-        });
-    }
-    files.sort_by(|a, b| a.path.cmp(&b.path));
-    Ok(files)
 }
 
 use std::os::unix::fs::DirBuilderExt;

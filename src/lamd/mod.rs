@@ -12,6 +12,7 @@
 //! Invariant: a rank's `RankExited` is sent only after every byte it wrote before exiting has been
 //! queued for the launcher (its pipes are drained when the holder reports the exit).
 
+pub mod digest;
 pub mod dump;
 pub mod holder;
 pub mod launch;

@@ -4,7 +4,7 @@
 //! process memory.
 
 use std::fs::DirBuilder;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
@@ -156,21 +156,16 @@ pub fn abandon(epoch_dir: &Path) {
     let _ = std::fs::remove_dir_all(epoch_dir);
 }
 
-/// Size and xxh3-64 of a file.
+/// Size and xxh3-64 of a file (read through a mapping: no copy).
 pub fn hash_file(path: &Path) -> std::io::Result<(u64, u64)> {
-    let mut f = std::fs::File::open(path)?;
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut buf = vec![0u8; 1 << 20];
-    let mut size = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        size += n as u64;
-        h.update(&buf[..n]);
-    }
-    Ok((size, h.digest()))
+    let f = std::fs::File::open(path)?;
+    Ok(match crate::sys::FileMap::new(&f)? {
+        None => (0, xxhash_rust::xxh3::xxh3_64(&[])),
+        Some(map) => (
+            map.bytes().len() as u64,
+            xxhash_rust::xxh3::xxh3_64(map.bytes()),
+        ),
+    })
 }
 
 /// Finds the epoch directory `path` names: an epoch directory, a job directory (its newest
@@ -236,6 +231,9 @@ pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
         path: mpath.clone(),
         source,
     })?;
+    // Names and sizes first (cheap, and the first error in manifest order is the one reported),
+    // then the checksums, on every core: a restart waits for them.
+    let mut paths = Vec::with_capacity(manifest.files.len());
     for f in &manifest.files {
         let rel = Path::new(&f.path);
         if rel.is_absolute()
@@ -255,11 +253,45 @@ pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
                 actual: meta.len(),
             });
         }
-        let (_, sum) = hash_file(&path).map_err(|source| StoreError::Read {
+        paths.push(path);
+    }
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let results: Vec<(usize, Result<u64, std::io::Error>)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers.min(paths.len()))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut done = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(path) = paths.get(i) else {
+                            return done;
+                        };
+                        done.push((i, hash_file(path).map(|(_, sum)| sum)));
+                    }
+                })
+            })
+            .collect();
+        let mut all: Vec<_> = handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect();
+        all.sort_by_key(|(i, _)| *i);
+        all
+    });
+    if results.len() != paths.len() {
+        return Err(StoreError::Read {
+            path: epoch_dir.to_path_buf(),
+            source: std::io::Error::other("checksum worker failed"),
+        });
+    }
+    for (i, r) in results {
+        let path = paths[i].clone();
+        let sum = r.map_err(|source| StoreError::Read {
             path: path.clone(),
             source,
         })?;
-        if sum != f.xxh3 {
+        if sum != manifest.files[i].xxh3 {
             return Err(StoreError::ImageChecksum { path });
         }
     }
