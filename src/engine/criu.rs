@@ -87,6 +87,44 @@ fn base_opts(c: &Common<'_>) -> Criu_opts {
     opts
 }
 
+/// Errors CRIU logs on this kernel although nothing is wrong: never the reason a call failed.
+const HARMLESS: &[&str] = &["Can't setup RLIMIT_NOFILE for self"];
+
+impl CriuError {
+    /// CRIU reports the *first* error it logged; when that one is harmless, the reason is the next
+    /// error line of the log (read through the work directory fd).
+    fn explained(self, common: &Common<'_>) -> Self {
+        match self {
+            CriuError::Failed {
+                action,
+                message,
+                log,
+            } if HARMLESS.iter().any(|h| message.contains(h)) => {
+                let path = format!(
+                    "/proc/self/fd/{}/{}",
+                    common.work_dir.as_raw_fd(),
+                    common.log_file
+                );
+                let better = std::fs::read_to_string(path)
+                    .ok()
+                    .and_then(|text| {
+                        text.lines()
+                            .filter(|l| l.starts_with("Error"))
+                            .find(|l| !HARMLESS.iter().any(|h| l.contains(h)))
+                            .map(str::to_string)
+                    })
+                    .unwrap_or(message);
+                CriuError::Failed {
+                    action,
+                    message: better,
+                    log,
+                }
+            }
+            other => other,
+        }
+    }
+}
+
 /// Dumps the process tree rooted at `pid`, which keeps running (or, with `stop`, stays stopped). `on_notify` is called with each
 /// action-script stage name while the tree is frozen; returning false fails the dump.
 pub fn dump(
@@ -103,13 +141,15 @@ pub fn dump(
         opts.set_leave_stopped(true);
     }
     let mut session = Session::start(&[])?;
-    session.call(
-        Criu_req_type::DUMP,
-        opts,
-        on_notify,
-        "dump",
-        common.log_file,
-    )?;
+    session
+        .call(
+            Criu_req_type::DUMP,
+            opts,
+            on_notify,
+            "dump",
+            common.log_file,
+        )
+        .map_err(|e| e.explained(common))?;
     session.finish();
     Ok(())
 }
@@ -135,13 +175,15 @@ pub fn restore(
         opts.inherit_fd.push(inh);
     }
     let mut session = Session::start(&fds)?;
-    let resp = session.call(
-        Criu_req_type::RESTORE,
-        opts,
-        on_notify,
-        "restore",
-        common.log_file,
-    )?;
+    let resp = session
+        .call(
+            Criu_req_type::RESTORE,
+            opts,
+            on_notify,
+            "restore",
+            common.log_file,
+        )
+        .map_err(|e| e.explained(common))?;
     session.finish();
     Ok(resp.restore.as_ref().map(|r| r.pid()).unwrap_or(-1))
 }
