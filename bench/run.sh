@@ -104,14 +104,17 @@ rs=()
 for i in 1 2 3; do
     sync
     t0=$(now)
-    "$L" restart "$epoch" >/dev/null 2>"$work/restart.err" &
+    # Block on the restarted launcher's stderr (no polling loop stealing a core) until it says
+    # every rank is restored.
+    exec 3< <(exec "$L" restart "$epoch" 2>&1 >/dev/null)
     rj=$!
-    until grep -q "restored" "$work/restart.err"; do
-        kill -0 "$rj" 2>/dev/null || { cat "$work/restart.err"; exit 1; }
-        sleep 0.002
+    while IFS= read -r line <&3; do
+        case $line in *restored*) break ;; esac
     done
     rs+=("$(( $(now) - t0 ))")
-    kill -TERM "$rj"; wait "$rj" || true
+    kill -TERM "$rj" 2>/dev/null || true
+    cat <&3 >/dev/null || true
+    exec 3<&-
 done
 setsid sh -c "for r in 0 1 2 3; do LAMCR_RANK=\$r '$COUNTER' 100000 50 256 0 >/dev/null 2>&1 & done; wait" </dev/null >/dev/null 2>&1 &
 shjob=$!
