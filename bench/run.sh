@@ -24,6 +24,18 @@ median() { sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}'; }
 time_ns() { local t0; t0=$(now); "$@" >/dev/null 2>&1; echo $(( $(now) - t0 )); }
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", a / b }'; }
 ms() { awk -v a="$1" 'BEGIN { printf "%.1f", a / 1e6 }'; }
+# Waits (bounded) until the 4 children of $1 have touched their memory (RSS >= 250 MiB each).
+wait_touched() {
+    for _ in $(seq 200); do
+        big=0
+        for p in $(pgrep -P "$1"); do
+            rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
+            [ "${rss:-0}" -ge 256000 ] && big=$((big + 1))
+        done
+        [ "$big" -eq 4 ] && return
+        sleep 0.05
+    done
+}
 out=()
 say() { printf '%s\n' "$*"; out+=("$*"); }
 
@@ -55,16 +67,7 @@ for _ in $(seq 200); do
     [ -n "$holder" ] && [ "$(pgrep -P "$holder" | wc -l)" -eq 4 ] && break
     sleep 0.05
 done
-# wait until the ranks have touched their memory (RSS >= 250 MiB each)
-for _ in $(seq 200); do
-    big=0
-    for p in $(pgrep -P "$holder"); do
-        rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-        [ "${rss:-0}" -ge 256000 ] && big=$((big + 1))
-    done
-    [ "$big" -eq 4 ] && break
-    sleep 0.05
-done
+wait_touched "$holder"
 # Each measurement starts with no dirty pages (`sync`) and its images are deleted right after it:
 # on this VM, writing into page cache that has never been used (or was handed back to the host) is
 # several times slower than reusing freed pages, and that would punish whichever tool goes later.
@@ -120,14 +123,10 @@ setsid sh -c "for r in 0 1 2 3; do LAMCR_RANK=\$r '$COUNTER' 100000 50 256 0 >/d
 shjob=$!
 for _ in $(seq 200); do
     sh_pid=$(pgrep -f "for r in 0 1 2 3" | head -1 || true)
-    big=0
-    for p in $(pgrep -P "${sh_pid:-0}"); do
-        rss=$(awk '/VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)
-        [ "${rss:-0}" -ge 256000 ] && big=$((big + 1))
-    done
-    [ "$big" -eq 4 ] && break
+    [ -n "$sh_pid" ] && break
     sleep 0.05
 done
+wait_touched "$sh_pid"
 rm -rf "$work/raw"; mkdir -p "$work/raw"
 criu dump -t "$sh_pid" -D "$work/raw" --tcp-established --network-lock nftables --ghost-limit 268435456 -o dump.log
 wait "$shjob" || true   # reap the dumped (killed) tree: its pids must be free for the restores

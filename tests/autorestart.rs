@@ -100,12 +100,7 @@ fn a_killed_rank_is_restored_from_the_newest_checkpoint_in_the_same_launcher() {
     assert_eq!(out.iter().filter(|l| l.starts_with(MARKER)).count(), 1);
     assert_files_exact(&env);
     // --keep 2: never more than two committed epochs left.
-    let job_dir = std::fs::read_dir(env.ckpt_dir())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let job_dir = env.job_dir().expect("a job directory");
     let committed = std::fs::read_dir(&job_dir)
         .unwrap()
         .flatten()
@@ -202,7 +197,7 @@ fn a_failure_during_a_checkpoint_restarts_from_the_previous_epoch() {
     let (lamd, epoch) = wait_until("a dump in progress", Duration::from_secs(30), || {
         let lamd = env.process(" lamd ")?;
         env.process("criu swrk")?;
-        let job_dir = std::fs::read_dir(env.ckpt_dir()).ok()?.next()?.ok()?.path();
+        let job_dir = env.job_dir()?;
         let newest = newest_epoch(&job_dir)?;
         (!job_dir.join(newest.to_string()).join("manifest").exists()).then_some((lamd, newest))
     });

@@ -159,12 +159,7 @@ fn checkpoint_with_term_then_restart_twice_with_the_exit_status() {
 
     for round in 0..2 {
         // The job directory form: its newest committed epoch.
-        let job_dir = std::fs::read_dir(env.ckpt_dir())
-            .unwrap()
-            .next()
-            .unwrap()
-            .unwrap()
-            .path();
+        let job_dir = env.job_dir().expect("a job directory");
         let o = env.run(&["restart", job_dir.to_str().unwrap()]);
         assert_eq!(o.status.code(), Some(3), "round {round}: {}", stderr_of(&o));
         let out: Vec<String> = stdout_of(&o).lines().map(String::from).collect();
@@ -423,12 +418,7 @@ fn progress_bars_on_a_terminal_and_summary_lines() {
     assert!(tty.contains("lamcr: checkpoint of job"), "{tty:?}");
     let (status, _, _) = job.finish();
     assert!(status.success());
-    let job_dir = std::fs::read_dir(env.ckpt_dir())
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let job_dir = env.job_dir().expect("a job directory");
     let (ok, tty) = on_tty(&format!("restart {}", job_dir.display()));
     assert!(ok, "{tty}");
     assert!(tty.contains("restore ["), "no bar: {tty:?}");

@@ -33,6 +33,17 @@ impl Env {
         self.dir.path().join("ckpt")
     }
 
+    /// The checkpoint directory of this test's only job, once it has one.
+    pub fn job_dir(&self) -> Option<PathBuf> {
+        Some(
+            std::fs::read_dir(self.ckpt_dir())
+                .ok()?
+                .next()?
+                .ok()?
+                .path(),
+        )
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
