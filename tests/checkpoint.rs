@@ -397,11 +397,10 @@ fn progress_bars_on_a_terminal_and_summary_lines() {
         (0..2).all(|r| l.iter().any(|l| l.starts_with(&format!("rank {r} seq"))))
     });
     let on_tty = |args: &str| {
-        let c = env.cmd(&[]);
         let mut script = std::process::Command::new("script");
         script
             .args(["-qefc", &format!("{} {args}", common::LAMCR), "/dev/null"])
-            .envs(c.get_envs().filter_map(|(k, v)| Some((k, v?))))
+            .envs(env.vars())
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());

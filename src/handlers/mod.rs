@@ -314,8 +314,9 @@ fn collect_results(
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => break,
             }
-            while let Some(Ok(r)) = helper::next_result(&mut buf) {
-                results.push(r);
+            // A result that does not decode is dropped: its node then counts as unreported.
+            while let Some(r) = helper::next_result(&mut buf) {
+                results.extend(r.ok());
             }
         }
         let ranks_done = results

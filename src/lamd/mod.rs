@@ -306,22 +306,8 @@ impl Daemon {
                 }
             }
         }
-        let timeout = match self.kill_at {
-            Some(at) => {
-                let ms = at.saturating_duration_since(Instant::now()).as_millis();
-                PollTimeout::from(u16::try_from(ms).unwrap_or(u16::MAX))
-            }
-            None => PollTimeout::NONE,
-        };
-        match poll(&mut fds, timeout) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let ready: Vec<(Src, PollFlags)> = fds
-            .iter()
-            .zip(srcs)
-            .filter_map(|(f, s)| f.revents().filter(|r| !r.is_empty()).map(|r| (s, r)))
-            .collect();
+        let timeout = crate::event::timeout_until(self.kill_at, None);
+        let ready = crate::event::ready(&mut fds, &srcs, timeout)?;
         drop(fds);
         for (src, revents) in ready {
             match src {

@@ -171,7 +171,6 @@ pub struct Launcher {
 struct RestoreProgress {
     bar: Option<indicatif::ProgressBar>,
     started: Instant,
-    dir: PathBuf,
     /// Image bytes of each node.
     node_bytes: HashMap<NodeId, u64>,
     bytes: u64,
@@ -314,18 +313,13 @@ impl Launcher {
             l.restoring = Some(RestoreProgress {
                 bar,
                 started: Instant::now(),
-                dir: epoch_dir.clone(),
                 node_bytes,
                 bytes: 0,
                 ranks: 0,
             });
-        }
-        if let Start::Restore { nodes, .. } = &l.start {
-            for n in nodes {
-                for r in &n.ranks {
-                    if let RankImage::Exited { rank, status, .. } = r {
-                        l.statuses.insert(*rank, *status);
-                    }
+            for r in nodes.iter().flat_map(|n| &n.ranks) {
+                if let RankImage::Exited { rank, status, .. } = r {
+                    l.statuses.insert(*rank, *status);
                 }
             }
         }
@@ -696,19 +690,8 @@ impl Launcher {
             fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
             srcs.push(Src::Stdin);
         }
-        let timeout = self
-            .next_ckpt
-            .map(|t| t.saturating_duration_since(Instant::now()).as_millis() as u16)
-            .map_or(1000, |ms| ms.min(1000));
-        match poll(&mut fds, PollTimeout::from(timeout)) {
-            Ok(_) | Err(Errno::EINTR) => {}
-            Err(e) => return Err(e.into()),
-        }
-        let ready: Vec<(Src, PollFlags)> = fds
-            .iter()
-            .zip(srcs)
-            .filter_map(|(f, s)| f.revents().filter(|r| !r.is_empty()).map(|r| (s, r)))
-            .collect();
+        let timeout = crate::event::timeout_until(self.next_ckpt, Some(Duration::from_secs(1)));
+        let ready = crate::event::ready(&mut fds, &srcs, timeout)?;
         drop(fds);
         for (src, revents) in ready {
             match src {
@@ -946,7 +929,10 @@ impl Launcher {
                             self.spec.ranks.len(),
                             human_bytes(r.bytes),
                             r.started.elapsed().as_secs_f64(),
-                            r.dir.display()
+                            self.last_committed
+                                .as_ref()
+                                .map(|(_, d)| d.display().to_string())
+                                .unwrap_or_default()
                         );
                     }
                     for req in std::mem::take(&mut self.held) {

@@ -48,18 +48,26 @@ impl Env {
         self.dir.path().join(name)
     }
 
-    pub fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(LAMCR);
-        c.args(args)
-            .env("LAMCR_RUN_DIR", self.run_dir())
-            .env("LAMCR_CKPT_DIR", self.ckpt_dir())
-            .env(
+    /// The environment every lamcr command of this test gets: its own run and checkpoint
+    /// directories, and the project's CRIU first on PATH.
+    pub fn vars(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("LAMCR_RUN_DIR", self.run_dir().display().to_string()),
+            ("LAMCR_CKPT_DIR", self.ckpt_dir().display().to_string()),
+            (
                 "PATH",
                 format!(
                     "/usr/local/sbin:{}",
                     std::env::var("PATH").unwrap_or_default()
                 ),
-            )
+            ),
+        ]
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(LAMCR);
+        c.args(args)
+            .envs(self.vars())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
