@@ -4,11 +4,13 @@
 //!
 //! Modules by role: [`launcher`] (mpirun), [`lamd`] (node daemon and the holder of a node's
 //! ranks), [`handlers`] (checkpoint handlers and the helper), [`schema`] (job spec, restart schema,
-//! manifest, wire protocol; no I/O), [`engine`] (CRIU), [`event`] (what the poll loops share),
+//! manifest, wire protocol; no I/O), [`engine`] (CRIU), [`cr`] (the library ranks link: BLCR-style
+//! callbacks, critical sections, the `self` engine's state; its C ABI is in `sys::capi`), [`event`] (what the poll loops share),
 //! [`sys`] (the only `unsafe`), [`cli`].
 #![deny(unsafe_code)]
 
 pub mod cli;
+pub mod cr;
 pub mod engine;
 pub mod event;
 pub mod handlers;

@@ -61,6 +61,10 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long)]
         stop: bool,
+        #[arg(long, default_value = "criu", value_parser = ["criu", "self"])]
+        engine: String,
+        #[arg(long, default_value = "30000")]
+        callback_timeout_ms: u64,
         #[arg(long = "node", value_parser = parse_node)]
         nodes: Vec<(u32, PathBuf)>,
     },
@@ -144,12 +148,20 @@ pub fn main() -> i32 {
             epoch,
             dir,
             stop,
+            engine,
+            callback_timeout_ms,
             nodes,
         } => crate::handlers::helper::main(
             crate::schema::JobId(job),
             crate::schema::Epoch(epoch),
             dir,
             stop,
+            if engine == "self" {
+                crate::schema::Engine::SelfState
+            } else {
+                crate::schema::Engine::Criu
+            },
+            callback_timeout_ms,
             nodes
                 .into_iter()
                 .map(|(n, p)| (crate::schema::NodeId(n), p))

@@ -7,7 +7,7 @@ use clap::Args;
 
 use crate::launcher::parse::{self, Placement};
 use crate::launcher::{Launcher, RunOptions, Start};
-use crate::schema::{IoOptions, JobId, Rank, RestartPolicy, StdinTarget};
+use crate::schema::{Engine, IoOptions, JobId, Rank, RestartPolicy, StdinTarget};
 
 /// Options that take a value (so the program name can be told apart from option values).
 pub const VALUE_OPTIONS: &[&str] = &[
@@ -27,6 +27,8 @@ pub const VALUE_OPTIONS: &[&str] = &[
     "--grace",
     "--ckpt-interval",
     "--keep",
+    "--engine",
+    "--callback-timeout",
     "--auto-restart",
 ];
 
@@ -77,6 +79,14 @@ pub struct RunArgs {
     /// Time between SIGTERM and SIGKILL when the job is stopped.
     #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     pub grace: Duration,
+    /// Checkpoint engine: `criu` (whole process trees, needs root), `self` (each rank saves its own
+    /// state through the lamcr library; no privilege), or `auto`: criu where it can work, else self.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "criu", "self"])]
+    pub engine: String,
+    /// How long ranks' checkpoint callbacks may take to be ready before a checkpoint fails (the
+    /// job goes on).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub callback_timeout: Duration,
     #[command(flatten)]
     pub policy: PolicyArgs,
     /// The program and its arguments; `:` separates MPMD contexts.
@@ -199,8 +209,20 @@ fn prepare(a: &RunArgs) -> Result<(crate::schema::JobSpec, RunOptions), String> 
         timestamp: a.timestamp_output,
         output_dir: a.output_filename.clone(),
     };
-    let spec = parse::build_job(JobId::fresh(std::process::id()), &contexts, &place, io)
+    let mut spec = parse::build_job(JobId::fresh(std::process::id()), &contexts, &place, io)
         .map_err(|e| e.to_string())?;
+    spec.engine = match a.engine.as_str() {
+        "criu" => Engine::Criu,
+        "self" => Engine::SelfState,
+        _ => {
+            let (engine, why) = crate::engine::auto();
+            if let Some(why) = why {
+                eprintln!("lamcr: checkpoints use the self engine: {why}");
+            }
+            engine
+        }
+    };
+    spec.callback_timeout_ms = a.callback_timeout.as_millis() as u64;
     let opts = RunOptions {
         print_all_exitcodes: a.print_all_exitcodes,
         grace: a.grace,

@@ -65,6 +65,8 @@ pub struct Common<'a> {
     pub log_file: &'a str,
     /// Keep established TCP connections (locks the network with nftables while dumping).
     pub tcp_established: bool,
+    /// Resources outside the tree, e.g. `unix[INODE]` for the ranks' callback sockets.
+    pub external: &'a [String],
 }
 
 fn base_opts(c: &Common<'_>) -> Criu_opts {
@@ -78,6 +80,7 @@ fn base_opts(c: &Common<'_>) -> Criu_opts {
         .unwrap_or(2);
     opts.set_log_level(level);
     opts.set_notify_scripts(true);
+    opts.external = c.external.to_vec();
     // UCX / shm users keep big unlinked files; CRIU's 1 MiB default is far too small.
     opts.set_ghost_limit(256 << 20);
     if c.tcp_established {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use bincode::{Decode, Encode};
 
 use crate::schema::wire::{FrameReader, FromDaemon, Role, ToDaemon, request};
-use crate::schema::{Epoch, FileEntry, JobId, NodeId, NodeImage};
+use crate::schema::{Engine, Epoch, FileEntry, JobId, NodeId, NodeImage};
 
 #[derive(Debug, Encode, Decode)]
 pub struct NodeDone {
@@ -34,6 +34,8 @@ pub fn main(
     epoch: Epoch,
     dir: PathBuf,
     stop: bool,
+    engine: Engine,
+    callback_timeout_ms: u64,
     nodes: Vec<(NodeId, PathBuf)>,
 ) -> i32 {
     let timeout = std::env::var("LAMCR_CKPT_TIMEOUT")
@@ -47,7 +49,14 @@ pub fn main(
         let dir = dir.clone();
         let tx = tx.clone();
         std::thread::spawn(move || {
-            let result = one_node(&job, node, epoch, &dir, stop, &sock, timeout);
+            let order = ToDaemon::Checkpoint {
+                epoch,
+                epoch_dir: dir.display().to_string(),
+                stop,
+                engine,
+                callback_timeout_ms,
+            };
+            let result = one_node(&job, node, order, &sock, timeout);
             let _ = tx.send(NodeResult { node, result });
         });
     }
@@ -86,9 +95,7 @@ pub fn next_result(buf: &mut Vec<u8>) -> Option<Result<NodeResult, String>> {
 fn one_node(
     job: &JobId,
     node: NodeId,
-    epoch: Epoch,
-    dir: &std::path::Path,
-    stop: bool,
+    order: ToDaemon,
     sock: &std::path::Path,
     timeout: u64,
 ) -> Result<NodeDone, String> {
@@ -108,15 +115,7 @@ fn one_node(
     if let FromDaemon::Refused { reason } = hello {
         return Err(reason);
     }
-    let reply: FromDaemon = request(
-        fd,
-        &ToDaemon::Checkpoint {
-            epoch,
-            epoch_dir: dir.display().to_string(),
-            stop,
-        },
-        &mut reader,
-    )
+    let reply: FromDaemon = request(fd, &order, &mut reader)
     .map_err(|e| format!("no answer from lamd: {e}"))?;
     match reply {
         FromDaemon::Checkpointed {

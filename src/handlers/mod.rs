@@ -202,6 +202,10 @@ fn checkpoint(
     if stop {
         cmd.arg("--stop");
     }
+    cmd.arg("--engine")
+        .arg(ctx.job.engine.name())
+        .arg("--callback-timeout-ms")
+        .arg(ctx.job.callback_timeout_ms.to_string());
     for (node, sock) in &ctx.nodes {
         cmd.arg("--node").arg(format!("{node}={}", sock.display()));
     }

@@ -7,15 +7,15 @@
 
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use nix::fcntl::{OFlag, open};
 use nix::sys::stat::Mode;
 
 use super::Daemon;
 use crate::engine::criu::{self, Common, CriuError};
-use crate::schema::wire::{Channel, Frame};
-use crate::schema::{Epoch, FileEntry, NodeImage, RankImage};
+use crate::schema::wire::{Channel, Frame, Resumed};
+use crate::schema::{Engine, Epoch, FileEntry, NodeImage, RankImage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DumpError {
@@ -33,6 +33,8 @@ pub enum DumpError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Callbacks(String),
 }
 
 impl Daemon {
@@ -41,6 +43,8 @@ impl Daemon {
         _epoch: Epoch,
         epoch_dir: &str,
         stop: bool,
+        engine: Engine,
+        callback_timeout: Duration,
     ) -> Result<(NodeImage, Vec<FileEntry>, u64), DumpError> {
         let rel = format!("node{}", self.node);
         let dir = Path::new(epoch_dir).join(&rel);
@@ -48,7 +52,7 @@ impl Daemon {
         if self.holder.is_none() {
             // Every rank of this node has ended: the image is just their statuses.
             if self.ranks.values().all(|s| s.status.is_some()) {
-                return Ok((self.node_image(String::new()), Vec::new(), 0));
+                return Ok((self.node_image(String::new(), engine), Vec::new(), 0));
             }
             return Err(DumpError::NoHolder);
         }
@@ -63,28 +67,58 @@ impl Daemon {
             path: dir.clone(),
             source,
         })?;
+        let prepared = match self.prepare_ranks(engine, Path::new(epoch_dir), &rel, callback_timeout) {
+            Ok(p) => p,
+            Err(reason) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                return Err(DumpError::Callbacks(reason));
+            }
+        };
+        let resume = if stop { None } else { Some(Resumed::Continue) };
+        if engine == Engine::SelfState {
+            let result = self.save_states(Path::new(epoch_dir), &rel, started);
+            match (&result, resume) {
+                (Err(_), _) => {
+                    self.resume_ranks(&prepared.ready, Resumed::Cancelled);
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                (Ok(_), Some(how)) => self.resume_ranks(&prepared.ready, how),
+                (Ok(_), None) => self.cr_held = prepared.ready.clone(),
+            }
+            return result;
+        }
         let work = open_dir(&self.work_dir).map_err(|source| DumpError::Dir {
             path: self.work_dir.clone(),
             source,
         })?;
         let pid = self.holder.as_ref().map(|h| h.pid.as_raw()).unwrap_or(0);
         let log = self.work_dir.join("dump.log").display().to_string();
+        // The ranks' callback sockets lead to lamd, outside the tree: CRIU records them as external
+        // and a restore hands in fresh ones (`inherit_fd socket:[INODE]`).
+        let external: Vec<String> = self
+            .ranks
+            .values()
+            .filter(|s| s.status.is_none() && s.cr_socket != 0)
+            .map(|s| format!("unix[{}]", s.cr_socket))
+            .collect();
         let common = Common {
             images_dir: images.as_fd(),
             work_dir: work.as_fd(),
             log_file: "dump.log",
             tcp_established: tcp_wanted(),
+            external: &external,
         };
         let mut snapshot = None;
         let digest = super::digest::Follower::start(&dir);
         let result = criu::dump(pid, &common, stop, &mut |stage| {
             if stage == "post-dump" {
                 self.drain_frozen();
-                snapshot = Some(self.node_image(rel.clone()));
+                snapshot = Some(self.node_image(rel.clone(), engine));
             }
             true
         });
         if let Err(e) = result {
+            self.resume_ranks(&prepared.ready, Resumed::Cancelled);
             let _ = std::fs::remove_dir_all(&dir);
             return Err(match e {
                 CriuError::Failed {
@@ -99,7 +133,12 @@ impl Daemon {
             .into());
         }
         let dump_ms = started.elapsed().as_millis() as u64;
-        let image = snapshot.unwrap_or_else(|| self.node_image(rel.clone()));
+        // The image is taken: callbacks go on now (or, stopped, when the launcher decides).
+        match resume {
+            Some(how) => self.resume_ranks(&prepared.ready, how),
+            None => self.cr_held = prepared.ready.clone(),
+        }
+        let image = snapshot.unwrap_or_else(|| self.node_image(rel.clone(), engine));
         let files = digest
             .finish(&rel)
             .map_err(|(path, source)| DumpError::Checksum { path, source })?;
@@ -128,7 +167,32 @@ impl Daemon {
     }
 
     /// This node's part of the restart schema, as of now.
-    pub(super) fn node_image(&self, images_dir: String) -> NodeImage {
+    /// `self` engine: the ranks wrote their state files; record and checksum them.
+    fn save_states(
+        &mut self,
+        epoch_dir: &Path,
+        rel: &str,
+        started: Instant,
+    ) -> Result<(NodeImage, Vec<FileEntry>, u64), DumpError> {
+        self.drain_frozen();
+        let mut files = Vec::new();
+        for s in self.ranks.values() {
+            if let Some(state) = &s.state {
+                files.push(
+                    crate::engine::self_state::entry(epoch_dir, state).map_err(|source| {
+                        DumpError::Checksum {
+                            path: epoch_dir.join(state),
+                            source,
+                        }
+                    })?,
+                );
+            }
+        }
+        let image = self.node_image(rel.to_string(), Engine::SelfState);
+        Ok((image, files, started.elapsed().as_millis() as u64))
+    }
+
+    pub(super) fn node_image(&self, images_dir: String, engine: Engine) -> NodeImage {
         let (control_pipe, status_pipe, pid_namespace) = self
             .holder
             .as_ref()
@@ -152,6 +216,9 @@ impl Daemon {
                     stderr_pipe: s.stderr_pipe,
                     stdout_bytes: s.stdout_bytes,
                     stderr_bytes: s.stderr_bytes,
+                    cr_socket: s.cr_socket,
+                    cr: s.cr_mark,
+                    state: s.state.clone(),
                 },
             })
             .collect();
@@ -162,6 +229,8 @@ impl Daemon {
             status_pipe,
             pid_namespace,
             ranks,
+            engine,
+            cr_round: self.cr_round,
         }
     }
 }

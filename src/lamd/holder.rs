@@ -40,6 +40,8 @@ pub struct HolderRank {
     pub stdin_fd: Option<RawFd>,
     pub stdout_fd: RawFd,
     pub stderr_fd: RawFd,
+    /// More `(holder fd, rank fd)` pairs: the callback socket, a restarted rank's saved state.
+    pub extra_fds: Vec<(RawFd, RawFd)>,
 }
 
 /// lamd -> holder.
@@ -172,6 +174,7 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
         if let Some(fd) = stdin {
             fds.push((fd, 0));
         }
+        fds.extend(r.extra_fds.iter().copied());
         let spec = SpawnSpec {
             program: r.program.clone().into(),
             argv: r.argv.iter().map(Into::into).collect(),
@@ -206,6 +209,7 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
         for fd in [r.stdin_fd, Some(r.stdout_fd), Some(r.stderr_fd)]
             .into_iter()
             .flatten()
+            .chain(r.extra_fds.iter().map(|&(fd, _)| fd))
         {
             drop(own_fd(fd));
         }

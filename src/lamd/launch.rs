@@ -14,12 +14,44 @@ const PIPE_SIZE: i32 = 1 << 20;
 /// First holder-side fd number for rank stdio ends.
 const FIRST_RANK_FD: RawFd = 10;
 
+/// Where a rank's callback socket is in the rank.
+pub const CR_FD: RawFd = 3;
+/// Where a `self`-engine restart puts the rank's saved state.
+pub const STATE_FD: RawFd = 4;
+
+/// A rank to start: fresh, or (`self` engine) restarted with the state it saved.
+pub(crate) struct Launching {
+    pub spec: RankSpec,
+    /// The saved state (read-only) and the epoch directory it comes from.
+    pub state: Option<(OwnedFd, String)>,
+}
+
 impl Daemon {
     pub(super) fn launch(&mut self, ranks: Vec<RankSpec>) -> Result<(), DaemonError> {
-        if self.holder.is_some() || !self.ranks.is_empty() {
+        if !self.ranks.is_empty() {
             return Err(DaemonError::Io(std::io::Error::other(
                 "ranks already launched",
             )));
+        }
+        self.launch_ranks(
+            ranks
+                .into_iter()
+                .map(|spec| Launching { spec, state: None })
+                .collect(),
+        )
+    }
+
+    /// Starts the holder with `ranks`. Slots already present (ranks that had ended before a
+    /// restart's checkpoint) stay as they are.
+    pub(crate) fn launch_ranks(&mut self, ranks: Vec<Launching>) -> Result<(), DaemonError> {
+        if self.holder.is_some() {
+            return Err(DaemonError::Io(std::io::Error::other(
+                "ranks already launched",
+            )));
+        }
+        if ranks.is_empty() {
+            self.expect_spawns = 0;
+            return Ok(());
         }
         let mut child_ends: Vec<OwnedFd> = Vec::new();
         let mut fd_map: Vec<(RawFd, RawFd)> = Vec::new();
@@ -31,7 +63,7 @@ impl Daemon {
             map.push((fd.as_raw_fd(), n));
             n
         };
-        for spec in ranks {
+        for Launching { spec, state } in ranks {
             let mut slot = Slot::new(spec.clone());
             let (out_r, out_w) = cloexec_pipe()?;
             let (err_r, err_w) = cloexec_pipe()?;
@@ -53,6 +85,19 @@ impl Daemon {
             } else {
                 None
             };
+            let (cr_ours, cr_theirs) = cr_socketpair()?;
+            slot.cr_socket = inode_of(cr_theirs.as_fd())?;
+            let mut env = spec.env.clone();
+            env.push((crate::cr::ENV_FD.into(), CR_FD.to_string()));
+            let mut extra_fds = vec![(alloc(&cr_theirs, &mut fd_map), CR_FD)];
+            child_ends.push(cr_theirs);
+            slot.cr = Some(cr_ours);
+            if let Some((fd, epoch_dir)) = state {
+                extra_fds.push((alloc(&fd, &mut fd_map), STATE_FD));
+                env.push((crate::cr::ENV_RESTART.into(), epoch_dir));
+                env.push((crate::cr::ENV_STATE_FD.into(), STATE_FD.to_string()));
+                child_ends.push(fd);
+            }
             child_ends.push(out_w);
             child_ends.push(err_w);
             slot.stdout = Some(out_r);
@@ -61,11 +106,12 @@ impl Daemon {
                 rank: spec.rank,
                 program: spec.program.clone(),
                 argv: spec.argv.clone(),
-                env: spec.env.clone(),
+                env,
                 cwd: spec.cwd.clone(),
                 stdin_fd,
                 stdout_fd,
                 stderr_fd,
+                extra_fds,
             });
             self.ranks.insert(spec.rank, slot);
         }
@@ -91,6 +137,19 @@ impl Daemon {
         self.holder = Some(holder);
         Ok(())
     }
+}
+
+/// A rank's callback socket: lamd's end (non-blocking, cloexec) and the rank's.
+pub(crate) fn cr_socketpair() -> Result<(OwnedFd, OwnedFd), DaemonError> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    nonblocking(ours.as_fd())?;
+    Ok((ours, theirs))
 }
 
 /// Starts `lamcr holder` as the init of a new PID namespace, or, where that is not permitted

@@ -12,6 +12,7 @@
 //! Invariant: a rank's `RankExited` is sent only after every byte it wrote before exiting has been
 //! queued for the launcher (its pipes are drained when the holder reports the exit).
 
+pub mod callbacks;
 pub mod digest;
 pub mod dump;
 pub mod holder;
@@ -34,7 +35,8 @@ use nix::unistd::Pid;
 use crate::schema::wire::{
     Channel, FrameReader, FromDaemon, MAGIC, Outbox, PROTOCOL_VERSION, Role, ToDaemon, WireError,
 };
-use crate::schema::{ExitStatus, JobId, NodeId, Rank, RankSpec};
+use crate::schema::wire::Resumed;
+use crate::schema::{ExitStatus, JobId, NodeId, Rank, RankCr, RankSpec};
 use holder::{HolderCommand, HolderEvent};
 
 /// Stop reading rank pipes while this much output waits for the launcher.
@@ -106,6 +108,18 @@ pub(crate) struct Slot {
     stderr_bytes: u64,
     status: Option<ExitStatus>,
     reported: bool,
+    /// lamd's end of the rank's callback socket (the rank has the other at `LAMCR_CR_FD`).
+    cr: Option<OwnedFd>,
+    cr_reader: FrameReader,
+    cr_out: Outbox,
+    /// Inode of the rank's end: CRIU's name for it (`unix[INODE]`).
+    cr_socket: u64,
+    /// The rank initialised the library: its callbacks take part in checkpoints.
+    cr_enabled: bool,
+    /// Where it stands in the checkpoint being taken (recorded in the image).
+    cr_mark: RankCr,
+    /// `self` engine: its state file in the checkpoint being taken.
+    state: Option<String>,
 }
 
 pub(crate) struct Daemon {
@@ -124,6 +138,10 @@ pub(crate) struct Daemon {
     expect_spawns: usize,
     shutdown: bool,
     buf: Vec<u8>,
+    /// The last callback round started (see [`callbacks`]).
+    cr_round: u64,
+    /// Ranks whose callbacks wait in a `stop` checkpoint until `Continue` or `Kill`.
+    cr_held: Vec<Rank>,
 }
 
 /// Runs lamd until the job is over. Returns the process exit code.
@@ -224,6 +242,8 @@ impl Daemon {
             expect_spawns: 0,
             shutdown: false,
             buf: vec![0; READ_CHUNK],
+            cr_round: 0,
+            cr_held: Vec::new(),
         })
     }
 
@@ -256,6 +276,7 @@ impl Daemon {
             HolderControl,
             Out(Rank, Channel),
             In(Rank),
+            Cr(Rank),
         }
         let mut srcs = Vec::new();
         let mut fds = Vec::new();
@@ -305,6 +326,14 @@ impl Daemon {
                     srcs.push(Src::In(*rank));
                 }
             }
+            if let Some(fd) = &slot.cr {
+                let mut f = PollFlags::POLLIN;
+                if slot.cr_out.pending() > 0 {
+                    f |= PollFlags::POLLOUT;
+                }
+                fds.push(PollFd::new(fd.as_fd(), f));
+                srcs.push(Src::Cr(*rank));
+            }
         }
         let timeout = crate::event::timeout_until(self.kill_at, None);
         let ready = crate::event::ready(&mut fds, &srcs, timeout)?;
@@ -335,6 +364,7 @@ impl Daemon {
                 }
                 Src::Out(rank, ch) => self.relay(rank, ch, false),
                 Src::In(rank) => self.write_stdin(rank),
+                Src::Cr(rank) => self.on_rank_socket(rank),
             }
         }
         self.helpers
@@ -469,6 +499,9 @@ impl Daemon {
                 if let Some(h) = &self.holder {
                     continue_tree(h.pid);
                 }
+                // Callbacks held by the `stop` checkpoint learn it was not kept.
+                let held = std::mem::take(&mut self.cr_held);
+                self.resume_ranks(&held, Resumed::Cancelled);
             }
             ToDaemon::Shutdown => self.shutdown = true,
             ToDaemon::Hello { .. } | ToDaemon::Checkpoint { .. } => {
@@ -573,7 +606,15 @@ impl Daemon {
                     epoch,
                     epoch_dir,
                     stop,
-                } => match self.checkpoint(epoch, &epoch_dir, stop) {
+                    engine,
+                    callback_timeout_ms,
+                } => match self.checkpoint(
+                    epoch,
+                    &epoch_dir,
+                    stop,
+                    engine,
+                    Duration::from_millis(callback_timeout_ms),
+                ) {
                     Ok((image, files, dump_ms)) => FromDaemon::Checkpointed {
                         image,
                         files,
@@ -824,6 +865,13 @@ impl Slot {
             stderr_bytes: 0,
             status: None,
             reported: false,
+            cr: None,
+            cr_reader: FrameReader::new(),
+            cr_out: Outbox::default(),
+            cr_socket: 0,
+            cr_enabled: false,
+            cr_mark: RankCr::Unaware,
+            state: None,
         }
     }
 }

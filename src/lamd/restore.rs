@@ -10,9 +10,11 @@ use std::path::Path;
 use nix::fcntl::{FcntlArg, fcntl};
 
 use super::dump::{open_dir, tcp_wanted};
+use super::launch::{Launching, cr_socketpair};
 use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
 use crate::engine::criu::{self, Common};
-use crate::schema::{NodeImage, RankImage, RankSpec};
+use crate::schema::wire::Resumed;
+use crate::schema::{Engine, NodeImage, RankCr, RankImage, RankSpec};
 
 impl Daemon {
     pub(super) fn restore(
@@ -26,7 +28,11 @@ impl Daemon {
                 "ranks already running",
             )));
         }
+        if image.engine == Engine::SelfState {
+            return self.restore_self(epoch_dir, image, specs);
+        }
         let mut inherit: Vec<(String, OwnedFd)> = Vec::new();
+        let mut restarted = Vec::new();
         for spec in specs {
             let rank = spec.rank;
             let mut slot = Slot::new(spec);
@@ -38,8 +44,20 @@ impl Daemon {
                     stderr_pipe,
                     stdout_bytes,
                     stderr_bytes,
+                    cr_socket,
+                    cr,
                     ..
                 }) => {
+                    if *cr_socket != 0 {
+                        let (ours, theirs) = cr_socketpair()?;
+                        slot.cr_socket = crate::sys::inode_of(theirs.as_fd())?;
+                        inherit.push((format!("socket:[{cr_socket}]"), theirs));
+                        slot.cr = Some(ours);
+                        slot.cr_enabled = *cr != RankCr::Unaware;
+                        if *cr == RankCr::Ready {
+                            restarted.push(rank);
+                        }
+                    }
                     let (out_r, out_w) = cloexec_pipe()?;
                     let (err_r, err_w) = cloexec_pipe()?;
                     let _ = fcntl(&out_w, FcntlArg::F_SETPIPE_SZ(1 << 20));
@@ -102,6 +120,7 @@ impl Daemon {
             work_dir: work.as_fd(),
             log_file: "restore.log",
             tcp_established: tcp_wanted(),
+            external: &[],
         };
         let borrowed: Vec<(String, BorrowedFd<'_>)> = inherit
             .iter()
@@ -129,6 +148,75 @@ impl Daemon {
             .filter(|(_, s)| s.status.is_none())
             .map(|(r, _)| (*r, 0))
             .collect();
+        // Their callbacks were waiting in `checkpoint()` when the image was taken.
+        self.cr_round = image.cr_round;
+        self.resume_ranks(&restarted, Resumed::Restarted);
+        Ok(())
+    }
+
+    /// `self` engine: start the ranks afresh, each with the state it saved on an inherited fd.
+    fn restore_self(
+        &mut self,
+        epoch_dir: &str,
+        image: NodeImage,
+        specs: Vec<RankSpec>,
+    ) -> Result<(), DaemonError> {
+        let mut launching = Vec::new();
+        let mut counts = Vec::new();
+        for spec in specs {
+            let rank = spec.rank;
+            match image.ranks.iter().find(|r| r.rank() == rank) {
+                Some(RankImage::Running {
+                    state,
+                    stdout_bytes,
+                    stderr_bytes,
+                    ..
+                }) => {
+                    let state = match state {
+                        Some(rel) => {
+                            let path = Path::new(epoch_dir).join(rel);
+                            let f = std::fs::File::open(&path).map_err(|e| {
+                                DaemonError::Io(std::io::Error::other(format!(
+                                    "rank {rank}: cannot open its saved state {}: {e}",
+                                    path.display()
+                                )))
+                            })?;
+                            Some((OwnedFd::from(f), epoch_dir.to_string()))
+                        }
+                        // Omitted from the checkpoint: it starts as new.
+                        None => None,
+                    };
+                    counts.push((rank, *stdout_bytes, *stderr_bytes));
+                    launching.push(Launching { spec, state });
+                }
+                Some(RankImage::Exited {
+                    status,
+                    stdout_bytes,
+                    stderr_bytes,
+                    ..
+                }) => {
+                    let mut slot = Slot::new(spec);
+                    slot.status = Some(*status);
+                    slot.reported = true;
+                    slot.stdout_bytes = *stdout_bytes;
+                    slot.stderr_bytes = *stderr_bytes;
+                    self.ranks.insert(rank, slot);
+                }
+                None => {
+                    return Err(DaemonError::Io(std::io::Error::other(format!(
+                        "rank {rank} is not in the node image"
+                    ))));
+                }
+            }
+        }
+        self.launch_ranks(launching)?;
+        for (rank, out, err) in counts {
+            if let Some(s) = self.ranks.get_mut(&rank) {
+                s.stdout_bytes = out;
+                s.stderr_bytes = err;
+            }
+        }
+        self.cr_round = image.cr_round;
         Ok(())
     }
 }

@@ -412,6 +412,8 @@ impl Launcher {
                                 status_pipe: 0,
                                 pid_namespace: false,
                                 ranks: Vec::new(),
+                                engine: self.spec.engine,
+                                cr_round: 0,
                             });
                     n.out.push(&ToDaemon::Restore {
                         epoch_dir: epoch_dir.display().to_string(),
@@ -958,6 +960,13 @@ impl Launcher {
                     reason: format!("node {id}: {reason}"),
                 });
             }
+            FromDaemon::CheckpointRequest { .. } => {
+                // An app asked (`cr_request_checkpoint`): the same request SIGUSR1 makes.
+                self.on_checkpoint_request(Request {
+                    waiter: None,
+                    term: false,
+                });
+            }
             FromDaemon::Checkpointed { .. } | FromDaemon::CheckpointFailed { .. } => {}
         }
     }
@@ -981,10 +990,11 @@ impl Launcher {
             Ok(c) => {
                 let size = human_bytes(c.bytes);
                 eprintln!(
-                    "lamcr: checkpoint {} committed: {} ranks, {size} in {:.2} s -> {}",
+                    "lamcr: checkpoint {} committed: {} ranks, {size} in {:.2} s ({} engine) -> {}",
                     c.epoch,
                     c.ranks,
                     c.elapsed.as_secs_f64(),
+                    self.spec.engine,
                     c.path.display()
                 );
                 self.info.latest = c.path.display().to_string();

@@ -465,6 +465,8 @@ pub fn build_job(
         nodes,
         ranks,
         io,
+        engine: crate::schema::Engine::Criu,
+        callback_timeout_ms: 30_000,
     })
 }
 

@@ -10,7 +10,7 @@ use super::codec::{self, CodecError};
 use super::{FileEntry, RestartSchema};
 
 pub const MAGIC: &[u8; 8] = b"LAMCRMAN";
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// The manifest's file name inside an epoch directory.
 pub const FILE_NAME: &str = "manifest";
 const HEADER: usize = 28;

@@ -197,6 +197,46 @@ pub struct JobSpec {
     pub nodes: Vec<NodeSpec>,
     pub ranks: Vec<RankSpec>,
     pub io: IoOptions,
+    /// How checkpoints are taken (resolved from `--engine` at launch).
+    pub engine: Engine,
+    /// How long a node waits for its ranks' callbacks to be ready before it fails a checkpoint.
+    pub callback_timeout_ms: u64,
+}
+
+/// How a checkpoint saves the ranks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Encode, Decode)]
+pub enum Engine {
+    /// CRIU dumps each node's whole process tree; ranks need not know (callbacks optional).
+    Criu,
+    /// The `self` engine: every rank saves its own state through the library's callbacks, and a
+    /// restart starts the ranks afresh with that state. Needs no privilege.
+    SelfState,
+}
+
+impl Engine {
+    pub fn name(self) -> &'static str {
+        match self {
+            Engine::Criu => "criu",
+            Engine::SelfState => "self",
+        }
+    }
+}
+
+impl fmt::Display for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where a rank stood with its checkpoint callbacks when its node was dumped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum RankCr {
+    /// The rank never initialised the library: saved transparently (CRIU) or not at all.
+    Unaware,
+    /// Its callbacks ran and wait in `checkpoint()`: after a restore they learn "restarted".
+    Ready,
+    /// Its callbacks asked to be left out (`OMIT`).
+    Omitted,
 }
 
 impl JobSpec {
@@ -219,6 +259,11 @@ pub enum RankImage {
         /// Bytes of stdout/stderr forwarded up to the dump (the output file lengths at the epoch).
         stdout_bytes: u64,
         stderr_bytes: u64,
+        /// Inode of the rank's end of its callback socket (CRIU's `unix[INODE]`), 0 if none.
+        cr_socket: u64,
+        cr: RankCr,
+        /// `self` engine: the rank's saved state, relative to the epoch directory.
+        state: Option<String>,
     },
     /// Had already exited when the node was dumped.
     Exited {
@@ -250,6 +295,10 @@ pub struct NodeImage {
     /// Whether the holder is the init of its own PID namespace.
     pub pid_namespace: bool,
     pub ranks: Vec<RankImage>,
+    /// Which engine saved this node.
+    pub engine: Engine,
+    /// The callback round of this checkpoint (ranks waiting in it are told "restarted").
+    pub cr_round: u64,
 }
 
 /// One file of a checkpoint, as committed in the manifest.

@@ -15,10 +15,10 @@ use bincode::{Decode, Encode};
 use nix::errno::Errno;
 
 use super::codec::{self, CodecError};
-use super::{Epoch, ExitStatus, FileEntry, JobId, NodeId, NodeImage, Rank, RankSpec};
+use super::{Engine, Epoch, ExitStatus, FileEntry, JobId, NodeId, NodeImage, Rank, RankSpec};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// First bytes of every hello, so a stray connection is told apart from a peer speaking another version.
 pub const MAGIC: [u8; 4] = *b"LAMD";
 /// The largest frame accepted (16 MiB).
@@ -96,6 +96,9 @@ pub enum ToDaemon {
         epoch: Epoch,
         epoch_dir: String,
         stop: bool,
+        engine: Engine,
+        /// How long the ranks' callbacks may take to be ready.
+        callback_timeout_ms: u64,
     },
     /// Resume ranks left stopped by a `stop` checkpoint that was not committed.
     Continue,
@@ -137,10 +140,51 @@ pub enum FromDaemon {
     CheckpointFailed {
         reason: String,
     },
+    /// A rank asked for a checkpoint of the whole job (`cr::request_checkpoint`).
+    CheckpointRequest {
+        rank: Rank,
+    },
     /// The daemon refuses a request (bad hello, wrong state).
     Refused {
         reason: String,
     },
+}
+
+/// A rank's library -> its lamd, on the rank's callback socket (`LAMCR_CR_FD`).
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum FromRank {
+    /// The rank initialised the library: from now on its callbacks take part in checkpoints.
+    Hello { version: u32, pid: u32 },
+    /// Every callback of the round reached `checkpoint()` (or one of them failed): `flags` is
+    /// libcr's `CR_CHECKPOINT_*` value, user code in the high 16 bits.
+    Ready { round: u64, flags: u32 },
+    /// Checkpoint the whole job.
+    RequestCheckpoint,
+}
+
+/// lamd -> a rank's library.
+#[derive(Debug, Clone, PartialEq, Eq, Encode, Decode)]
+pub enum ToRank {
+    /// Run the callbacks. With the `self` engine, write the saved state to `state_path`.
+    Prepare {
+        round: u64,
+        engine: Engine,
+        state_path: Option<String>,
+        timeout_ms: u64,
+    },
+    /// The round is over: how `checkpoint()` returns.
+    Resume { round: u64, how: Resumed },
+}
+
+/// How a callback's `checkpoint()` returns, as lamd decides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Encode, Decode)]
+pub enum Resumed {
+    /// The image is taken; the job goes on.
+    Continue,
+    /// This process was restored from the image.
+    Restarted,
+    /// The checkpoint was cancelled (a rank's TEMP_FAILURE, a timeout, or a failed dump).
+    Cancelled,
 }
 
 /// Requests to a running launcher (from `lamcr checkpoint`).

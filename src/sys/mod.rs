@@ -10,6 +10,9 @@
 //!   modifies once written.
 #![allow(unsafe_code)]
 
+pub mod capi;
+pub mod cr;
+
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
