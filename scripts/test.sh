@@ -9,5 +9,5 @@ export PATH="/usr/local/sbin:$PATH"
 command -v cargo-nextest >/dev/null 2>&1 || cargo install --locked cargo-nextest
 cargo fmt --check
 cargo clippy --locked --all-targets -- -D warnings
-cargo build --locked --bins --examples
+cargo build --locked --lib --bins --examples
 cargo nextest run --locked --no-fail-fast

@@ -217,7 +217,12 @@ pub struct LiveJob {
 
 impl LiveJob {
     pub fn start(env: &Env, args: &[&str]) -> Self {
-        let mut child = env.cmd(args).spawn().expect("spawn lamcr");
+        Self::start_cmd(env.cmd(args))
+    }
+
+    /// Starts a prepared command (stdout and stderr piped).
+    pub fn start_cmd(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().expect("spawn lamcr");
         let stdout = child.stdout.take().expect("stdout");
         let stderr = child.stderr.take().expect("stderr");
         let (tx, rx) = mpsc::channel();
