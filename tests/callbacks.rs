@@ -364,7 +364,9 @@ fn the_self_engine_refuses_ranks_without_the_library_and_bad_engines() {
     let counter = example("counter");
     let mut job = LiveJob::start(
         &env,
-        &["run", "--engine", "self", "-n", "2", &counter, "40", "10", "0", "0"],
+        &[
+            "run", "--engine", "self", "-n", "2", &counter, "40", "10", "0", "0",
+        ],
     );
     job.wait_for("a line", |l| !l.is_empty());
     let failed = checkpoint(&env, &[]);
@@ -401,7 +403,11 @@ fn install(env: &Env) -> PathBuf {
 /// Builds examples/c/cr_app.c: with pkg-config against the shared library, or statically.
 fn build_c(env: &Env, prefix: &Path, statically: bool) -> String {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/c/cr_app.c");
-    let out = env.path(if statically { "cr_app_static" } else { "cr_app" });
+    let out = env.path(if statically {
+        "cr_app_static"
+    } else {
+        "cr_app"
+    });
     let pc = |flag: &str| {
         let o = Command::new("pkg-config")
             .args([flag, "lamcr"])
@@ -450,7 +456,9 @@ fn c_app_built_against_the_installed_library_counts_continue_and_restart() {
     let (status, before, err) = job.finish();
     assert!(status.success(), "{err}");
     let out = common::wait_output(
-        with_log(&env, env.cmd(&["restart", &epoch])).spawn().unwrap(),
+        with_log(&env, env.cmd(&["restart", &epoch]))
+            .spawn()
+            .unwrap(),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", stderr_of(&out));
@@ -493,7 +501,9 @@ fn static_c_app_restarts_from_its_saved_state_with_the_self_engine() {
     let (status, before, err) = job.finish();
     assert!(status.success(), "{err}");
     let out = common::wait_output(
-        with_log(&env, env.cmd(&["restart", &epoch])).spawn().unwrap(),
+        with_log(&env, env.cmd(&["restart", &epoch]))
+            .spawn()
+            .unwrap(),
         Duration::from_secs(60),
     );
     assert!(out.status.success(), "{}", stderr_of(&out));

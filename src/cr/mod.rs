@@ -19,7 +19,7 @@
 //! survives CRIU like the stdio pipes: lamd declares it external and hands a fresh one in at
 //! restore. Ranks that never call [`init`] are checkpointed transparently by CRIU.
 
-mod round;
+pub(crate) mod round;
 
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
@@ -195,7 +195,10 @@ pub fn init() -> Result<Start, CrError> {
             pid: std::process::id(),
         },
     )?;
-    let c = Arc::new(Client { writer: Mutex::new(writer), start });
+    let c = Arc::new(Client {
+        writer: Mutex::new(writer),
+        start,
+    });
     std::thread::Builder::new()
         .name("lamcr-cr".into())
         .spawn(move || round::serve(reader))
@@ -233,7 +236,10 @@ fn adopt_socket(fd: i32) -> Option<UnixStream> {
 fn restored_from_env() -> Option<Vec<u8>> {
     std::env::var_os(ENV_RESTART)?;
     let fd: i32 = std::env::var(ENV_STATE_FD).ok()?.parse().ok()?;
-    if !std::fs::metadata(format!("/proc/self/fd/{fd}")).ok()?.is_file() {
+    if !std::fs::metadata(format!("/proc/self/fd/{fd}"))
+        .ok()?
+        .is_file()
+    {
         return None;
     }
     let mut f = std::fs::File::from(crate::sys::take_inherited_fd(fd));

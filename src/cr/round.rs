@@ -400,7 +400,7 @@ fn signal_innermost(flags: Flags) -> Out {
 /// The checkpoint signal's handler (signal context).
 pub(crate) fn on_signal() {
     let errno = nix::errno::Errno::last_raw();
-    let entered = crate::sys::cr::enter::<SignalRound>();
+    let entered = crate::sys::cr::enter();
     if let Some(round) = entered.round() {
         let tid = gettid();
         if round.outcome.load(Ordering::Acquire) == 0 {

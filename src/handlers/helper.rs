@@ -115,8 +115,8 @@ fn one_node(
     if let FromDaemon::Refused { reason } = hello {
         return Err(reason);
     }
-    let reply: FromDaemon = request(fd, &order, &mut reader)
-    .map_err(|e| format!("no answer from lamd: {e}"))?;
+    let reply: FromDaemon =
+        request(fd, &order, &mut reader).map_err(|e| format!("no answer from lamd: {e}"))?;
     match reply {
         FromDaemon::Checkpointed {
             image,

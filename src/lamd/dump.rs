@@ -67,13 +67,14 @@ impl Daemon {
             path: dir.clone(),
             source,
         })?;
-        let prepared = match self.prepare_ranks(engine, Path::new(epoch_dir), &rel, callback_timeout) {
-            Ok(p) => p,
-            Err(reason) => {
-                let _ = std::fs::remove_dir_all(&dir);
-                return Err(DumpError::Callbacks(reason));
-            }
-        };
+        let prepared =
+            match self.prepare_ranks(engine, Path::new(epoch_dir), &rel, callback_timeout) {
+                Ok(p) => p,
+                Err(reason) => {
+                    let _ = std::fs::remove_dir_all(&dir);
+                    return Err(DumpError::Callbacks(reason));
+                }
+            };
         let resume = if stop { None } else { Some(Resumed::Continue) };
         if engine == Engine::SelfState {
             let result = self.save_states(Path::new(epoch_dir), &rel, started);
@@ -178,14 +179,12 @@ impl Daemon {
         let mut files = Vec::new();
         for s in self.ranks.values() {
             if let Some(state) = &s.state {
-                files.push(
-                    crate::engine::self_state::entry(epoch_dir, state).map_err(|source| {
-                        DumpError::Checksum {
-                            path: epoch_dir.join(state),
-                            source,
-                        }
-                    })?,
-                );
+                files.push(crate::engine::self_state::entry(epoch_dir, state).map_err(
+                    |source| DumpError::Checksum {
+                        path: epoch_dir.join(state),
+                        source,
+                    },
+                )?);
             }
         }
         let image = self.node_image(rel.to_string(), Engine::SelfState);

@@ -32,10 +32,10 @@ use nix::sys::signal::{Signal, kill};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
+use crate::schema::wire::Resumed;
 use crate::schema::wire::{
     Channel, FrameReader, FromDaemon, MAGIC, Outbox, PROTOCOL_VERSION, Role, ToDaemon, WireError,
 };
-use crate::schema::wire::Resumed;
 use crate::schema::{ExitStatus, JobId, NodeId, Rank, RankCr, RankSpec};
 use holder::{HolderCommand, HolderEvent};
 

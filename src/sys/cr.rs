@@ -11,6 +11,8 @@ use std::io;
 use std::sync::atomic::{AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::cr::round::SignalRound as Round;
+
 static ROUND: AtomicPtr<()> = AtomicPtr::new(std::ptr::null_mut());
 static IN_HANDLER: AtomicUsize = AtomicUsize::new(0);
 
@@ -66,7 +68,11 @@ pub fn futex_wake(word: &AtomicU32) {
 }
 
 /// Waits until `cond(word)` holds or `deadline` passes; returns whether it holds.
-pub fn futex_wait_until(word: &AtomicU32, deadline: Option<Instant>, cond: impl Fn(u32) -> bool) -> bool {
+pub fn futex_wait_until(
+    word: &AtomicU32,
+    deadline: Option<Instant>,
+    cond: impl Fn(u32) -> bool,
+) -> bool {
     loop {
         let v = word.load(Ordering::Acquire);
         if cond(v) {
@@ -94,46 +100,50 @@ pub fn install_checkpoint_signal(sig: i32, action: fn()) -> io::Result<()> {
 
 /// Publishes a round for the signal handlers. The reference stays valid for ever unless it is
 /// passed to [`retire`].
-pub fn publish<T: Send + Sync + 'static>(round: Box<T>) -> &'static T {
-    let r: &'static T = Box::leak(round);
-    ROUND.store(r as *const T as *mut (), Ordering::SeqCst);
+pub(crate) fn publish(round: Box<Round>) -> &'static Round {
+    let r: &'static Round = Box::leak(round);
+    ROUND.store(r as *const Round as *mut (), Ordering::SeqCst);
     r
 }
 
-/// A handler's view of the published round; `T` must be the type passed to [`publish`].
-pub struct Entered<T: 'static> {
-    round: Option<&'static T>,
+/// A handler's view of the published round.
+pub(crate) struct Entered {
+    round: Option<&'static Round>,
 }
 
-impl<T: 'static> Entered<T> {
-    pub fn round(&self) -> Option<&'static T> {
+impl Entered {
+    pub(crate) fn round(&self) -> Option<&'static Round> {
         self.round
     }
 }
 
-impl<T: 'static> Drop for Entered<T> {
+impl Drop for Entered {
     fn drop(&mut self) {
         IN_HANDLER.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// Called at the start of the checkpoint-signal handler (async-signal-safe).
-pub fn enter<T: Send + Sync + 'static>() -> Entered<T> {
+pub(crate) fn enter() -> Entered {
     IN_HANDLER.fetch_add(1, Ordering::SeqCst);
-    let p = ROUND.load(Ordering::SeqCst) as *const T;
-    // SAFETY: ROUND is null or was stored by `publish::<T>` (one type per process: the library's
-    // round type) from a leaked Box, and `retire` frees it only after unpublishing it and seeing
-    // IN_HANDLER at zero, which cannot happen while this handler's count is held.
-    Entered {
-        round: unsafe { p.as_ref() },
-    }
+    let p = ROUND.load(Ordering::SeqCst) as *const Round;
+    // SAFETY: ROUND is null or was stored by `publish` from a leaked Box<Round>, and `retire`
+    // frees it only after unpublishing it and seeing IN_HANDLER at zero, which cannot happen
+    // while this handler's count is held.
+    let round = unsafe { p.as_ref() };
+    Entered { round }
 }
 
 /// Unpublishes `round` and frees it once no handler is inside; leaks it if one stays inside past
 /// `wait`. The caller must not use `round` afterwards.
-pub fn retire<T: Send + Sync + 'static>(round: &'static T, wait: Duration) {
-    let p = round as *const T as *mut T;
-    let _ = ROUND.compare_exchange(p as *mut (), std::ptr::null_mut(), Ordering::SeqCst, Ordering::SeqCst);
+pub(crate) fn retire(round: &'static Round, wait: Duration) {
+    let p = round as *const Round as *mut Round;
+    let _ = ROUND.compare_exchange(
+        p as *mut (),
+        std::ptr::null_mut(),
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
     let deadline = Instant::now() + wait;
     while IN_HANDLER.load(Ordering::SeqCst) != 0 {
         if Instant::now() >= deadline {
