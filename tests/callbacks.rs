@@ -431,6 +431,20 @@ fn build_c(env: &Env, prefix: &Path, statically: bool) -> String {
     }
     let o = cc.output().expect("cc");
     assert!(o.status.success(), "cc failed: {}", stderr_of(&o));
+    // The documentation's example builds the same way.
+    let hello = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/c/hello_cr.c");
+    let mut cc = Command::new("cc");
+    cc.args(["-Wall", "-Werror", "-o"])
+        .arg(env.path("hello_cr"))
+        .arg(&hello)
+        .args(pc("--cflags"))
+        .args(pc("--libs"));
+    let o = cc.output().expect("cc");
+    assert!(
+        o.status.success(),
+        "cc hello_cr.c failed: {}",
+        stderr_of(&o)
+    );
     out.display().to_string()
 }
 
