@@ -60,7 +60,7 @@ say "forward 4 x 256 MiB: direct $(awk -v n="$direct" 'BEGIN{printf "%.0f", 1024
 fi
 
 # (d) checkpoint 4 x 256 MiB
-"$L" run -n 4 "$COUNTER" 100000 50 256 0 >/dev/null 2>&1 &
+"$L" run --engine criu -n 4 "$COUNTER" 100000 50 256 0 >/dev/null 2>&1 &
 job=$!
 for _ in $(seq 200); do
     holder=$(pgrep -f 'lamcr holder' | head -1 || true)

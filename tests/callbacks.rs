@@ -259,7 +259,6 @@ fn self_engine_restart_recovers_state_exactly_as_an_unprivileged_user() {
         as_nobody(&env, &["run", "-n", "2", &app, &LINES.to_string(), "20"]),
     );
     let mut job = LiveJob::start_cmd(cmd);
-    job.wait_for_stderr("checkpoints use the self engine");
     job.wait_for("five lines per rank", |l| printed(l, 2, 5));
     let o = common::wait_output(
         as_nobody(&env, &["checkpoint", "--term"]).spawn().unwrap(),
@@ -268,6 +267,10 @@ fn self_engine_restart_recovers_state_exactly_as_an_unprivileged_user() {
     let epoch = epoch_of(&o);
     let (status, before, err) = job.finish();
     assert!(status.success(), "{err}");
+    assert!(
+        err.contains("checkpoints use the self engine: privileges"),
+        "{err}"
+    );
     assert!(err.contains("(self engine)"), "{err}");
     let saved: Vec<String> = (0..2u32)
         .map(|r| {

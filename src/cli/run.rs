@@ -214,13 +214,7 @@ fn prepare(a: &RunArgs) -> Result<(crate::schema::JobSpec, RunOptions), String> 
     spec.engine = match a.engine.as_str() {
         "criu" => Engine::Criu,
         "self" => Engine::SelfState,
-        _ => {
-            let (engine, why) = crate::engine::auto();
-            if let Some(why) = why {
-                eprintln!("lamcr: checkpoints use the self engine: {why}");
-            }
-            engine
-        }
+        _ => Engine::Auto,
     };
     spec.callback_timeout_ms = a.callback_timeout.as_millis() as u64;
     let opts = RunOptions {

@@ -25,7 +25,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::launcher::commit;
 use crate::schema::manifest::Manifest;
-use crate::schema::{Epoch, JobSpec, NodeId, RestartSchema};
+use crate::schema::{Engine, Epoch, JobSpec, NodeId, RestartSchema};
 
 /// What the async handler needs to take a checkpoint of the job.
 #[derive(Clone)]
@@ -56,6 +56,7 @@ pub struct Committed {
     pub elapsed: Duration,
     /// The slowest node's dump time.
     pub dump_ms: u64,
+    pub engine: Engine,
 }
 
 /// The result of one checkpoint, for every request it served.
@@ -153,7 +154,7 @@ impl AsyncHandler {
     }
 }
 
-fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
+fn run(mut ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
     loop {
         let requests = {
             let mut q = shared.queue.lock();
@@ -166,6 +167,15 @@ fn run(ctx: CheckpointContext, shared: Arc<Shared>, wake: OwnedFd) {
             std::mem::take(&mut q.requests)
         };
         let stop = requests.iter().any(|r| r.term);
+        if ctx.job.engine == Engine::Auto {
+            // Decided at the first checkpoint, here, so `criu check` never delays a launch.
+            let (engine, why) = crate::engine::auto();
+            match why {
+                Some(why) => eprintln!("lamcr: checkpoints use the self engine: {why}"),
+                None => eprintln!("lamcr: checkpoints use the criu engine (lamcr check passes)"),
+            }
+            ctx.job.engine = engine;
+        }
         let result = if shared.abort.load(Ordering::SeqCst) {
             Err("the job is failing".to_string())
         } else {
@@ -284,6 +294,7 @@ fn checkpoint(
         ranks: ctx.job.ranks.len(),
         elapsed: started.elapsed(),
         dump_ms,
+        engine: ctx.job.engine,
     })
 }
 

@@ -994,7 +994,7 @@ impl Launcher {
                     c.epoch,
                     c.ranks,
                     c.elapsed.as_secs_f64(),
-                    self.spec.engine,
+                    c.engine,
                     c.path.display()
                 );
                 self.info.latest = c.path.display().to_string();

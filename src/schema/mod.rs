@@ -211,6 +211,9 @@ pub enum Engine {
     /// The `self` engine: every rank saves its own state through the library's callbacks, and a
     /// restart starts the ranks afresh with that state. Needs no privilege.
     SelfState,
+    /// `--engine auto`: CRIU if `lamcr check` passes, else `self`; decided at the first
+    /// checkpoint. Never in an image.
+    Auto,
 }
 
 impl Engine {
@@ -218,6 +221,7 @@ impl Engine {
         match self {
             Engine::Criu => "criu",
             Engine::SelfState => "self",
+            Engine::Auto => "auto",
         }
     }
 }
