@@ -263,6 +263,7 @@ pub fn register_thread(callback: impl Fn() -> i32 + Send + Sync + 'static) -> Ca
 pub(crate) fn register_any(context: Context, f: CallbackFn) -> CallbackId {
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let tid = crate::sys::cr::gettid();
+    let _masked = crate::sys::cr::block_signal(round::signal_number());
     CALLBACKS.lock().push(Registered {
         id,
         context,
@@ -274,6 +275,7 @@ pub(crate) fn register_any(context: Context, f: CallbackFn) -> CallbackId {
 
 /// Removes a callback (it will not run in later checkpoints).
 pub fn unregister(id: CallbackId) {
+    let _masked = crate::sys::cr::block_signal(round::signal_number());
     CALLBACKS.lock().retain(|c| c.id != id.0);
 }
 
@@ -297,6 +299,7 @@ pub fn restored_state() -> Option<Vec<u8>> {
 /// Asks for a checkpoint of the whole job. It is taken asynchronously: this process's callbacks
 /// run as part of it (after the last critical section is left, if one is held).
 pub fn request_checkpoint() -> Result<(), CrError> {
+    let _masked = crate::sys::cr::block_signal(round::signal_number());
     let client = CLIENT.lock().clone().ok_or(CrError::NotInitialized)?;
     let mut w = client.writer.lock();
     send(&mut w, &FromRank::RequestCheckpoint)

@@ -361,12 +361,15 @@ fn signal_phase(deadline: Instant) -> Option<(&'static SignalRound, bool)> {
             round.left.fetch_add(1, Ordering::AcqRel);
         }
     }
-    if !gone.is_empty() {
-        CALLBACKS
-            .lock()
-            .retain(|c| c.context != Context::Signal || !gone.contains(&c.tid));
-    }
     let all = futex_wait_until(&round.ready, Some(deadline), |v| v >= n);
+    if !gone.is_empty() {
+        // Only now: a signalled thread may hold this lock until its handler is released, but
+        // every live one has reached checkpoint() or missed the deadline by here. Threads that
+        // exited take their callbacks with them.
+        if let Some(mut cbs) = CALLBACKS.try_lock_for(Duration::from_millis(100)) {
+            cbs.retain(|c| c.context != Context::Signal || !gone.contains(&c.tid));
+        }
+    }
     Some((round, all))
 }
 

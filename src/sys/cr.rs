@@ -171,3 +171,37 @@ pub unsafe fn register_signal(
 ) -> crate::cr::CallbackId {
     crate::cr::register_any(crate::cr::Context::Signal, std::sync::Arc::new(callback))
 }
+
+/// Keeps `sig` blocked in the calling thread while alive: a thread that holds one of the
+/// library's locks must not run signal-context callbacks, which wait for the checkpoint thread.
+pub struct SignalBlocked {
+    old: libc::sigset_t,
+    /// The mask is per thread: the guard must be dropped where it was made.
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+pub fn block_signal(sig: i32) -> SignalBlocked {
+    // SAFETY: sigset_t is plain data; sigemptyset/sigaddset/pthread_sigmask only write the sets
+    // we pass, which live on this stack frame or in the returned guard.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, &mut old);
+        SignalBlocked {
+            old,
+            _not_send: std::marker::PhantomData,
+        }
+    }
+}
+
+impl Drop for SignalBlocked {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `block_signal` in this same thread (the guard is
+        // !Send); pthread_sigmask only reads `old`.
+        unsafe {
+            libc::pthread_sigmask(libc::SIG_SETMASK, &self.old, std::ptr::null_mut());
+        }
+    }
+}
