@@ -66,6 +66,21 @@ fn with_log(env: &Env, mut cmd: Command) -> Command {
     cmd
 }
 
+/// Starts `lamcr run --engine self ARGS...` with the fixture's event log.
+fn run_self(env: &Env, args: &[&str]) -> LiveJob {
+    let mut all = vec!["run", "--engine", "self"];
+    all.extend_from_slice(args);
+    LiveJob::start_cmd(with_log(env, env.cmd(&all)))
+}
+
+/// Runs a `lamcr restart` command to its end; returns its stdout lines.
+fn restart_lines(cmd: Command) -> Vec<String> {
+    let mut cmd = cmd;
+    let out = common::wait_output(cmd.spawn().unwrap(), Duration::from_secs(60));
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    stdout_of(&out).lines().map(str::to_string).collect()
+}
+
 fn checkpoint(env: &Env, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["checkpoint"];
     args.extend_from_slice(extra);
@@ -101,10 +116,7 @@ fn rust_callbacks_run_in_libcr_order_and_learn_continue_then_restarted() {
     assert!(status.success(), "{err}");
     assert!(err.contains("(criu engine)"), "{err}");
 
-    let mut restarted = with_log(&env, env.cmd(&["restart", &second]));
-    let out = common::wait_output(restarted.spawn().unwrap(), Duration::from_secs(60));
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let after: Vec<String> = stdout_of(&out).lines().map(str::to_string).collect();
+    let after = restart_lines(with_log(&env, env.cmd(&["restart", &second])));
     assert_exactly_once(2, &before, &after);
     for r in 0..2 {
         assert!(
@@ -145,21 +157,10 @@ fn rust_callbacks_run_in_libcr_order_and_learn_continue_then_restarted() {
 fn temp_failure_cancels_the_checkpoint_and_the_job_goes_on() {
     let env = Env::new();
     let app = example("cr_app");
-    let cmd = with_log(
+    let mut job = run_self(
         &env,
-        env.cmd(&[
-            "run",
-            "--engine",
-            "self",
-            "-n",
-            "2",
-            &app,
-            &LINES.to_string(),
-            "20",
-            "tempfail",
-        ]),
+        &["-n", "2", &app, &LINES.to_string(), "20", "tempfail"],
     );
-    let mut job = LiveJob::start_cmd(cmd);
     job.wait_for("two lines per rank", |l| printed(l, 2, 2));
     let failed = checkpoint(&env, &[]);
     assert!(!failed.status.success());
@@ -192,21 +193,7 @@ fn temp_failure_cancels_the_checkpoint_and_the_job_goes_on() {
 fn checkpoint_requested_in_a_critical_section_waits_until_it_is_left() {
     let env = Env::new();
     let app = example("cr_app");
-    let cmd = with_log(
-        &env,
-        env.cmd(&[
-            "run",
-            "--engine",
-            "self",
-            "-n",
-            "2",
-            &app,
-            &LINES.to_string(),
-            "10",
-            "cs",
-        ]),
-    );
-    let mut job = LiveJob::start_cmd(cmd);
+    let mut job = run_self(&env, &["-n", "2", &app, &LINES.to_string(), "10", "cs"]);
     job.wait_for_stderr("checkpoint 1 committed");
     let (status, lines, err) = job.finish();
     assert!(status.success(), "{err}");
@@ -283,10 +270,7 @@ fn self_engine_restart_recovers_state_exactly_as_an_unprivileged_user() {
         })
         .collect();
 
-    let mut restart = with_log(&env, as_nobody(&env, &["restart", &epoch]));
-    let out = common::wait_output(restart.spawn().unwrap(), Duration::from_secs(60));
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let after: Vec<String> = stdout_of(&out).lines().map(str::to_string).collect();
+    let after = restart_lines(with_log(&env, as_nobody(&env, &["restart", &epoch])));
     assert_exactly_once(2, &before, &after);
     for r in 0..2u32 {
         let n = saved[r as usize].trim_start_matches("saved ");
@@ -302,12 +286,9 @@ fn self_engine_restart_recovers_state_exactly_as_an_unprivileged_user() {
 fn callbacks_not_ready_in_time_fail_the_checkpoint_and_the_job_goes_on() {
     let env = Env::new();
     let app = example("cr_app");
-    let cmd = with_log(
+    let mut job = run_self(
         &env,
-        env.cmd(&[
-            "run",
-            "--engine",
-            "self",
+        &[
             "--callback-timeout",
             "500ms",
             "-n",
@@ -316,9 +297,8 @@ fn callbacks_not_ready_in_time_fail_the_checkpoint_and_the_job_goes_on() {
             "20",
             "10",
             "wait",
-        ]),
+        ],
     );
-    let mut job = LiveJob::start_cmd(cmd);
     job.wait_for("a line", |l| printed(l, 1, 1));
     let failed = checkpoint(&env, &[]);
     assert!(!failed.status.success());
@@ -341,13 +321,7 @@ fn callbacks_not_ready_in_time_fail_the_checkpoint_and_the_job_goes_on() {
 fn perm_failure_cancels_the_checkpoint_and_ends_the_job() {
     let env = Env::new();
     let app = example("cr_app");
-    let cmd = with_log(
-        &env,
-        env.cmd(&[
-            "run", "--engine", "self", "-n", "2", &app, "1000", "10", "perm",
-        ]),
-    );
-    let mut job = LiveJob::start_cmd(cmd);
+    let mut job = run_self(&env, &["-n", "2", &app, "1000", "10", "perm"]);
     job.wait_for("a line per rank", |l| printed(l, 2, 1));
     let failed = checkpoint(&env, &[]);
     assert!(!failed.status.success());
@@ -472,14 +446,7 @@ fn c_app_built_against_the_installed_library_counts_continue_and_restart() {
     let epoch = epoch_of(&checkpoint(&env, &["--term"]));
     let (status, before, err) = job.finish();
     assert!(status.success(), "{err}");
-    let out = common::wait_output(
-        with_log(&env, env.cmd(&["restart", &epoch]))
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let after: Vec<String> = stdout_of(&out).lines().map(str::to_string).collect();
+    let after = restart_lines(with_log(&env, env.cmd(&["restart", &epoch])));
     assert_exactly_once(2, &before, &after);
     for r in 0..2u32 {
         assert!(
@@ -499,32 +466,12 @@ fn static_c_app_restarts_from_its_saved_state_with_the_self_engine() {
     let env = Env::new();
     let prefix = install(&env);
     let app = build_c(&env, &prefix, true);
-    let cmd = with_log(
-        &env,
-        env.cmd(&[
-            "run",
-            "--engine",
-            "self",
-            "-n",
-            "2",
-            &app,
-            &LINES.to_string(),
-            "20",
-        ]),
-    );
-    let mut job = LiveJob::start_cmd(cmd);
+    let mut job = run_self(&env, &["-n", "2", &app, &LINES.to_string(), "20"]);
     job.wait_for("four lines per rank", |l| printed(l, 2, 4));
     let epoch = epoch_of(&checkpoint(&env, &["--term"]));
     let (status, before, err) = job.finish();
     assert!(status.success(), "{err}");
-    let out = common::wait_output(
-        with_log(&env, env.cmd(&["restart", &epoch]))
-            .spawn()
-            .unwrap(),
-        Duration::from_secs(60),
-    );
-    assert!(out.status.success(), "{}", stderr_of(&out));
-    let after: Vec<String> = stdout_of(&out).lines().map(str::to_string).collect();
+    let after = restart_lines(with_log(&env, env.cmd(&["restart", &epoch])));
     assert_exactly_once(2, &before, &after);
     for r in 0..2u32 {
         let log = log_of(&env, r);
