@@ -374,13 +374,14 @@ fn signal_phase(deadline: Instant) -> Option<(&'static SignalRound, bool)> {
 }
 
 fn release(round: &'static SignalRound, out: Out) {
-    let n = round.threads.len() as u32;
     round.outcome.store(out as u32, Ordering::Release);
     futex_wake(&round.outcome);
+    // Wait for the threads that reached checkpoint() to unwind; one that had not by now sees
+    // the outcome and skips its callbacks (the hazard count in `retire` covers a late one).
     let _ = futex_wait_until(
         &round.left,
         Some(Instant::now() + Duration::from_secs(5)),
-        |v| v >= n,
+        |v| v >= round.ready.load(Ordering::Acquire),
     );
     crate::sys::cr::retire(round, Duration::from_secs(1));
 }
