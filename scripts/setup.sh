@@ -106,5 +106,6 @@ install_criu() {
     log "installed $(criu --version | head -1) at $PREFIX/sbin/criu"
 }
 
-apt_install ca-certificates iproute2 nftables mpich libmpich-dev procps
+# gcc, libc6-dev and pkg-config: the tests build the C examples against the installed library.
+apt_install ca-certificates iproute2 nftables mpich libmpich-dev procps gcc libc6-dev pkg-config
 install_criu

@@ -89,6 +89,13 @@ fn checkpoint(env: &Env, extra: &[&str]) -> std::process::Output {
     common::wait_output(child, Duration::from_secs(60))
 }
 
+/// `lamcr checkpoint` fails, and its one-line reason contains `why`.
+fn assert_checkpoint_fails(env: &Env, why: &str) {
+    let o = checkpoint(env, &[]);
+    assert!(!o.status.success(), "the checkpoint should fail");
+    assert!(stderr_of(&o).contains(why), "{}", stderr_of(&o));
+}
+
 /// The epoch directory a successful `lamcr checkpoint` printed.
 fn epoch_of(o: &std::process::Output) -> String {
     assert!(o.status.success(), "checkpoint failed: {}", stderr_of(o));
@@ -162,13 +169,7 @@ fn temp_failure_cancels_the_checkpoint_and_the_job_goes_on() {
         &["-n", "2", &app, &LINES.to_string(), "20", "tempfail"],
     );
     job.wait_for("two lines per rank", |l| printed(l, 2, 2));
-    let failed = checkpoint(&env, &[]);
-    assert!(!failed.status.success());
-    let msg = stderr_of(&failed);
-    assert!(
-        msg.contains("cancelled the checkpoint (TEMP_FAILURE, code 7)"),
-        "{msg}"
-    );
+    assert_checkpoint_fails(&env, "cancelled the checkpoint (TEMP_FAILURE, code 7)");
     // Nothing of the cancelled epoch is left, and the next checkpoint works.
     let second = epoch_of(&checkpoint(&env, &[]));
     assert!(Path::new(&second).join("manifest").exists());
@@ -300,13 +301,7 @@ fn callbacks_not_ready_in_time_fail_the_checkpoint_and_the_job_goes_on() {
         ],
     );
     job.wait_for("a line", |l| printed(l, 1, 1));
-    let failed = checkpoint(&env, &[]);
-    assert!(!failed.status.success());
-    let msg = stderr_of(&failed);
-    assert!(
-        msg.contains("rank 0 did not reach the checkpoint within 500ms"),
-        "{msg}"
-    );
+    assert_checkpoint_fails(&env, "rank 0 did not reach the checkpoint within 500ms");
     // Let the callback finish: it learns the checkpoint was cancelled, and the job goes on.
     std::fs::write(env.path("log.go"), "").unwrap();
     let (status, lines, err) = job.finish();
@@ -323,13 +318,7 @@ fn perm_failure_cancels_the_checkpoint_and_ends_the_job() {
     let app = example("cr_app");
     let mut job = run_self(&env, &["-n", "2", &app, "1000", "10", "perm"]);
     job.wait_for("a line per rank", |l| printed(l, 2, 1));
-    let failed = checkpoint(&env, &[]);
-    assert!(!failed.status.success());
-    assert!(
-        stderr_of(&failed).contains("(PERM_FAILURE, code 9); it ends the job"),
-        "{}",
-        stderr_of(&failed)
-    );
+    assert_checkpoint_fails(&env, "(PERM_FAILURE, code 9); it ends the job");
     let (status, _, err) = job.finish();
     assert_eq!(status.code(), Some(9), "{err}");
     env.assert_no_leftovers();
@@ -346,13 +335,7 @@ fn the_self_engine_refuses_ranks_without_the_library_and_bad_engines() {
         ],
     );
     job.wait_for("a line", |l| !l.is_empty());
-    let failed = checkpoint(&env, &[]);
-    assert!(!failed.status.success());
-    assert!(
-        stderr_of(&failed).contains("has not initialised the lamcr library"),
-        "{}",
-        stderr_of(&failed)
-    );
+    assert_checkpoint_fails(&env, "has not initialised the lamcr library");
     let (status, _, err) = job.finish();
     assert!(status.success(), "{err}");
 

@@ -299,12 +299,11 @@ fn thread_innermost(mut flags: Flags) -> Out {
 }
 
 fn wait_resume(round: u64) -> Option<Resumed> {
-    let mut reader = {
-        let c = CTX.lock();
-        c.as_ref()?.reader.try_clone().ok()?
-    };
+    // Only this thread uses CTX while a round runs; holding it across the read blocks nobody.
+    let mut ctx = CTX.lock();
+    let reader = &mut ctx.as_mut()?.reader;
     loop {
-        match recv(&mut reader)? {
+        match recv(reader)? {
             ToRank::Resume { round: r, how } if r == round => return Some(how),
             _ => continue,
         }

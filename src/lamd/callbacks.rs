@@ -218,11 +218,9 @@ impl Daemon {
         let mut srcs = Vec::new();
         let relay = self.launcher.out.pending() < HIGH_WATER;
         for (rank, slot) in &self.ranks {
-            if let Some(fd) = &slot.cr {
-                if st.waiting.contains(rank) || slot.cr_out.pending() > 0 {
-                    fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
-                    srcs.push(Src::Rank(*rank));
-                }
+            if let (Some(fd), true) = (&slot.cr, st.waiting.contains(rank)) {
+                fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
+                srcs.push(Src::Rank(*rank));
             }
             if relay {
                 for (fd, ch) in [

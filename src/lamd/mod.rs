@@ -876,6 +876,22 @@ impl Slot {
     }
 }
 
+impl Slot {
+    /// A rank that had exited when the checkpoint being restored was taken: the launcher has
+    /// its status already, and its output counts stand at the epoch's.
+    pub(crate) fn ended_before(
+        &mut self,
+        status: ExitStatus,
+        stdout_bytes: u64,
+        stderr_bytes: u64,
+    ) {
+        self.status = Some(status);
+        self.reported = true;
+        self.stdout_bytes = stdout_bytes;
+        self.stderr_bytes = stderr_bytes;
+    }
+}
+
 /// Sends SIGCONT to a process and all its descendants (after a `stop` checkpoint that was not
 /// committed). The holder is stopped too, so it cannot forward the signal itself.
 fn continue_tree(pid: Pid) {

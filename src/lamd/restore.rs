@@ -90,10 +90,7 @@ impl Daemon {
                     ..
                 }) => {
                     // Ended before the checkpoint: the launcher knows; nothing to restore.
-                    slot.status = Some(*status);
-                    slot.reported = true;
-                    slot.stdout_bytes = *stdout_bytes;
-                    slot.stderr_bytes = *stderr_bytes;
+                    slot.ended_before(*status, *stdout_bytes, *stderr_bytes);
                 }
                 None => {
                     return Err(DaemonError::Io(std::io::Error::other(format!(
@@ -196,10 +193,7 @@ impl Daemon {
                     ..
                 }) => {
                     let mut slot = Slot::new(spec);
-                    slot.status = Some(*status);
-                    slot.reported = true;
-                    slot.stdout_bytes = *stdout_bytes;
-                    slot.stderr_bytes = *stderr_bytes;
+                    slot.ended_before(*status, *stdout_bytes, *stderr_bytes);
                     self.ranks.insert(rank, slot);
                 }
                 None => {
