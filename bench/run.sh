@@ -74,7 +74,7 @@ wait_touched "$holder"
 # One unmeasured warm-up pair first; then 5 alternating pairs.
 dump_raw() {
     rm -rf "$work/raw"; mkdir -p "$work/raw"; sync
-    time_ns criu dump -t "$holder" -D "$work/raw" --leave-running --tcp-established --network-lock nftables --ghost-limit 268435456 -o dump.log
+    time_ns criu dump -t "$holder" -D "$work/raw" --leave-running --ext-unix-sk --tcp-established --network-lock nftables --ghost-limit 268435456 -o dump.log
     rm -rf "$work/raw"
 }
 dump_lamcr() {

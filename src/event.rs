@@ -34,11 +34,31 @@ pub fn ready<S: Copy>(
         Ok(_) | Err(Errno::EINTR) => {}
         Err(e) => return Err(e),
     }
-    Ok(fds
-        .iter()
+    Ok(collect(fds, srcs))
+}
+
+/// Like [`ready`], but waits until `deadline` to the microsecond (a coalescing hold is far
+/// shorter than poll's millisecond).
+pub fn ready_by<S: Copy>(
+    fds: &mut [PollFd<'_>],
+    srcs: &[S],
+    deadline: Option<Instant>,
+) -> Result<Vec<(S, PollFlags)>, Errno> {
+    let timeout = deadline.map(|d| {
+        nix::sys::time::TimeSpec::from_duration(d.saturating_duration_since(Instant::now()))
+    });
+    match nix::poll::ppoll(fds, timeout, None) {
+        Ok(_) | Err(Errno::EINTR) => {}
+        Err(e) => return Err(e),
+    }
+    Ok(collect(fds, srcs))
+}
+
+fn collect<S: Copy>(fds: &[PollFd<'_>], srcs: &[S]) -> Vec<(S, PollFlags)> {
+    fds.iter()
         .zip(srcs)
         .filter_map(|(f, s)| f.revents().filter(|r| !r.is_empty()).map(|r| (*s, r)))
-        .collect())
+        .collect()
 }
 
 #[cfg(test)]

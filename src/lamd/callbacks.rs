@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use nix::poll::{PollFd, PollFlags};
 
-use super::{Daemon, HIGH_WATER};
+use super::Daemon;
 use crate::schema::wire::{Channel, Frame, FromDaemon, FromRank, Resumed, ToRank};
 use crate::schema::{Engine, Rank, RankCr};
 
@@ -216,7 +216,7 @@ impl Daemon {
         }
         let mut fds = Vec::new();
         let mut srcs = Vec::new();
-        let relay = self.launcher.out.pending() < HIGH_WATER;
+        let relay = self.relaying();
         for (rank, slot) in &self.ranks {
             if let (Some(fd), true) = (&slot.cr, st.waiting.contains(rank)) {
                 fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
@@ -234,7 +234,7 @@ impl Daemon {
                 }
             }
         }
-        if self.launcher.out.pending() > 0 {
+        if self.link_pending() > 0 {
             fds.push(PollFd::new(self.launcher.fd.as_fd(), PollFlags::POLLOUT));
             srcs.push(Src::Launcher);
         }
@@ -256,7 +256,7 @@ impl Daemon {
                 }
                 Src::Out(rank, ch) => self.relay(rank, ch, false),
                 Src::Launcher => {
-                    let _ = self.launcher.out.flush(self.launcher.fd.as_fd());
+                    let _ = self.flush_link();
                 }
             }
         }

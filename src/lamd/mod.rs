@@ -17,6 +17,7 @@ pub mod digest;
 pub mod dump;
 pub mod holder;
 pub mod launch;
+pub mod relay;
 pub mod restore;
 
 use std::collections::BTreeMap;
@@ -106,6 +107,8 @@ pub(crate) struct Slot {
     stderr_pipe: u64,
     stdout_bytes: u64,
     stderr_bytes: u64,
+    stdout_flow: relay::Flow,
+    stderr_flow: relay::Flow,
     status: Option<ExitStatus>,
     reported: bool,
     /// lamd's end of the rank's callback socket (the rank has the other at `LAMCR_CR_FD`).
@@ -138,6 +141,8 @@ pub(crate) struct Daemon {
     expect_spawns: usize,
     shutdown: bool,
     buf: Vec<u8>,
+    /// Data frames on their way to the launcher without a copy (see [`relay`]).
+    stage: relay::Stage,
     /// The last callback round started (see [`callbacks`]).
     cr_round: u64,
     /// Ranks whose callbacks wait in a `stop` checkpoint until `Continue` or `Kill`.
@@ -242,6 +247,7 @@ impl Daemon {
             expect_spawns: 0,
             shutdown: false,
             buf: vec![0; READ_CHUNK],
+            stage: relay::Stage::new()?,
             cr_round: 0,
             cr_held: Vec::new(),
         })
@@ -250,7 +256,7 @@ impl Daemon {
     fn run(&mut self) -> Result<(), DaemonError> {
         loop {
             self.reap();
-            if self.shutdown && self.launcher.out.pending() == 0 {
+            if self.shutdown && self.link_pending() == 0 {
                 self.kill_ranks();
                 self.wait_holder_gone(Duration::from_secs(5));
                 return Ok(());
@@ -278,12 +284,13 @@ impl Daemon {
             In(Rank),
             Cr(Rank),
         }
+        let hold = self.next_hold();
         let mut srcs = Vec::new();
         let mut fds = Vec::new();
         fds.push(PollFd::new(self.signals.as_fd(), PollFlags::POLLIN));
         srcs.push(Src::Signals);
         let mut lflags = PollFlags::POLLIN;
-        if self.launcher.out.pending() > 0 {
+        if self.link_pending() > 0 {
             lflags |= PollFlags::POLLOUT;
         }
         fds.push(PollFd::new(self.launcher.fd.as_fd(), lflags));
@@ -308,14 +315,14 @@ impl Daemon {
                 srcs.push(Src::HolderControl);
             }
         }
-        let relay = self.launcher.out.pending() < HIGH_WATER;
+        let relay = self.relaying();
         for (rank, slot) in &self.ranks {
             if relay {
-                if let Some(fd) = &slot.stdout {
+                if let (Some(fd), None) = (&slot.stdout, slot.stdout_flow.hold_until) {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                     srcs.push(Src::Out(*rank, Channel::Stdout));
                 }
-                if let Some(fd) = &slot.stderr {
+                if let (Some(fd), None) = (&slot.stderr, slot.stderr_flow.hold_until) {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLIN));
                     srcs.push(Src::Out(*rank, Channel::Stderr));
                 }
@@ -335,18 +342,18 @@ impl Daemon {
                 srcs.push(Src::Cr(*rank));
             }
         }
-        let timeout = crate::event::timeout_until(self.kill_at, None);
-        let ready = crate::event::ready(&mut fds, &srcs, timeout)?;
+        let deadline = match (self.kill_at, hold) {
+            (Some(k), Some(h)) => Some(k.min(h)),
+            (k, h) => k.or(h),
+        };
+        let ready = crate::event::ready_by(&mut fds, &srcs, deadline)?;
         drop(fds);
         for (src, revents) in ready {
             match src {
                 Src::Signals => self.on_signals(),
                 Src::Launcher => {
                     if revents.contains(PollFlags::POLLOUT) {
-                        self.launcher
-                            .out
-                            .flush(self.launcher.fd.as_fd())
-                            .map_err(DaemonError::Launcher)?;
+                        self.flush_link().map_err(DaemonError::Launcher)?;
                     }
                     if revents
                         .intersects(PollFlags::POLLIN | PollFlags::POLLHUP | PollFlags::POLLERR)
@@ -376,7 +383,7 @@ impl Daemon {
             }
         }
         self.report_exits();
-        let _ = self.launcher.out.flush(self.launcher.fd.as_fd());
+        let _ = self.flush_link();
         Ok(())
     }
 
@@ -692,40 +699,6 @@ impl Daemon {
         }
     }
 
-    /// Reads a rank's stream and queues it for the launcher. `drain` reads until the pipe is empty.
-    fn relay(&mut self, rank: Rank, channel: Channel, drain: bool) {
-        let Some(slot) = self.ranks.get_mut(&rank) else {
-            return;
-        };
-        let (fd, count) = match channel {
-            Channel::Stdout => (&mut slot.stdout, &mut slot.stdout_bytes),
-            Channel::Stderr => (&mut slot.stderr, &mut slot.stderr_bytes),
-            Channel::Stdin => return,
-        };
-        loop {
-            let Some(f) = fd.as_ref() else { return };
-            match nix::unistd::read(f.as_fd(), &mut self.buf) {
-                Ok(0) => {
-                    *fd = None;
-                    return;
-                }
-                Ok(n) => {
-                    *count += n as u64;
-                    self.launcher.out.push_data(rank, channel, &self.buf[..n]);
-                    if !drain {
-                        return;
-                    }
-                }
-                Err(Errno::EINTR) => continue,
-                Err(Errno::EAGAIN) => return,
-                Err(_) => {
-                    *fd = None;
-                    return;
-                }
-            }
-        }
-    }
-
     fn write_stdin(&mut self, rank: Rank) {
         let Some(slot) = self.ranks.get_mut(&rank) else {
             return;
@@ -863,6 +836,8 @@ impl Slot {
             stderr_pipe: 0,
             stdout_bytes: 0,
             stderr_bytes: 0,
+            stdout_flow: relay::Flow::default(),
+            stderr_flow: relay::Flow::default(),
             status: None,
             reported: false,
             cr: None,
@@ -877,6 +852,26 @@ impl Slot {
 }
 
 impl Slot {
+    /// A rank's output stream: lamd's read end, its byte count and its relay state.
+    pub(crate) fn stream(
+        &mut self,
+        channel: Channel,
+    ) -> Option<(&mut Option<OwnedFd>, &mut u64, &mut relay::Flow)> {
+        match channel {
+            Channel::Stdout => Some((
+                &mut self.stdout,
+                &mut self.stdout_bytes,
+                &mut self.stdout_flow,
+            )),
+            Channel::Stderr => Some((
+                &mut self.stderr,
+                &mut self.stderr_bytes,
+                &mut self.stderr_flow,
+            )),
+            Channel::Stdin => None,
+        }
+    }
+
     /// A rank that had exited when the checkpoint being restored was taken: the launcher has
     /// its status already, and its output counts stand at the epoch's.
     pub(crate) fn ended_before(

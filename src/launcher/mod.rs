@@ -29,8 +29,8 @@ use nix::unistd::Pid;
 
 use crate::handlers::{AsyncHandler, CheckpointContext, Outcome, Request};
 use crate::schema::wire::{
-    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Role,
-    ToDaemon, ToLauncher,
+    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Part, Role,
+    ToDaemon, ToLauncher, WireError,
 };
 use crate::schema::{
     Epoch, ExitStatus, JobSpec, NodeId, NodeImage, Rank, RankImage, RestartPolicy, Stream,
@@ -110,6 +110,8 @@ struct Node {
     gone: bool,
     reaped: bool,
     stdin_inflight: u64,
+    /// A data frame whose payload is being moved from the socket: rank, stream, bytes left.
+    payload: Option<(Rank, Stream, usize)>,
 }
 
 struct ControlConn {
@@ -388,6 +390,7 @@ impl Launcher {
                 gone: false,
                 reaped: false,
                 stdin_inflight: 0,
+                payload: None,
             };
             n.out.push(&ToDaemon::hello(
                 self.spec.job_id.clone(),
@@ -865,6 +868,10 @@ impl Launcher {
         if self.nodes[i].gone {
             return;
         }
+        if self.sink.raw() {
+            self.on_node_raw(i);
+            return;
+        }
         let open = {
             let n = &mut self.nodes[i];
             n.reader.fill(n.fd.as_fd()).unwrap_or(false)
@@ -893,6 +900,66 @@ impl Launcher {
                     self.sink.write(rank, stream, &bytes);
                 }
                 Frame::Message(m) => self.on_daemon_message(i, m),
+            }
+        }
+        if !open {
+            self.node_lost(i);
+        }
+    }
+
+    /// [`on_node`](Self::on_node) when output goes to the console as is: frame headers and
+    /// messages are read, data payloads are spliced from the socket to the console.
+    fn on_node_raw(&mut self, i: usize) {
+        if let Some((rank, stream, rest)) = self.nodes[i].payload {
+            match self.sink.splice_from(self.nodes[i].fd.as_fd(), stream, rest) {
+                Ok(n) => {
+                    self.nodes[i].payload = (n < rest).then_some((rank, stream, rest - n));
+                }
+                Err(e) => {
+                    if !matches!(e, WireError::Closed) {
+                        eprintln!("lamcr: node {}: {e}", self.nodes[i].id);
+                    }
+                    self.node_lost(i);
+                }
+            }
+            return;
+        }
+        let open = {
+            let n = &mut self.nodes[i];
+            match n.reader.header_room() {
+                0 => true,
+                room => n.reader.fill_upto(n.fd.as_fd(), room).unwrap_or(false),
+            }
+        };
+        loop {
+            let part = match self.nodes[i].reader.next_part::<FromDaemon>() {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!("lamcr: node {}: {e}", self.nodes[i].id);
+                    self.node_lost(i);
+                    return;
+                }
+            };
+            match part {
+                Part::Data {
+                    rank,
+                    channel,
+                    bytes,
+                    rest,
+                } => {
+                    let stream = if channel == Channel::Stderr {
+                        Stream::Stderr
+                    } else {
+                        Stream::Stdout
+                    };
+                    self.sink.write(rank, stream, &bytes);
+                    if rest > 0 {
+                        self.nodes[i].payload = Some((rank, stream, rest));
+                        break;
+                    }
+                }
+                Part::Message(m) => self.on_daemon_message(i, m),
             }
         }
         if !open {

@@ -7,10 +7,18 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Write;
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, SpliceFFlags, fcntl, splice};
+
+use crate::schema::wire::WireError;
 use crate::schema::{IoOptions, Rank, Stream};
+
+fn io_err(e: Errno) -> WireError {
+    WireError::Io(e.into())
+}
 
 pub struct OutputSink {
     opts: IoOptions,
@@ -20,6 +28,17 @@ pub struct OutputSink {
     stderr: std::io::Stderr,
     /// The console reader went away (EPIPE): keep running, drop console output.
     console_closed: bool,
+    /// The pipe output passes through on its way from a socket to the console (see
+    /// [`splice_from`](Self::splice_from)), made on first use.
+    through: Option<Through>,
+    /// The console refused `splice` (stdout, stderr): copy instead.
+    no_splice: [bool; 2],
+}
+
+struct Through {
+    r: OwnedFd,
+    w: OwnedFd,
+    cap: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +58,87 @@ impl OutputSink {
             stdout: std::io::stdout(),
             stderr: std::io::stderr(),
             console_closed: false,
+            through: None,
+            no_splice: [false; 2],
+        }
+    }
+
+    /// Output goes to the console byte for byte (no prefix, no files): it may then come from
+    /// the socket by [`splice_from`](Self::splice_from).
+    pub fn raw(&self) -> bool {
+        !self.prefixed() && self.opts.output_dir.is_none()
+    }
+
+    /// Moves up to `len` bytes of a rank's output from `sock` to the console without copying
+    /// them into this process: socket to a pipe to the console, both with `splice` (a console
+    /// that refuses it, such as an `O_APPEND` file, is written with a copy). Returns how many
+    /// bytes moved; 0 when the socket has nothing right now.
+    pub fn splice_from(
+        &mut self,
+        sock: BorrowedFd<'_>,
+        stream: Stream,
+        len: usize,
+    ) -> Result<usize, WireError> {
+        if self.through.is_none() {
+            let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(io_err)?;
+            let _ = fcntl(&w, FcntlArg::F_SETPIPE_SZ(1 << 20));
+            let cap = fcntl(&w, FcntlArg::F_GETPIPE_SZ).map_err(io_err)? as usize;
+            self.through = Some(Through { r, w, cap });
+        }
+        let t = self.through.as_ref().expect("made above");
+        let n = loop {
+            match splice(
+                sock,
+                None,
+                &t.w,
+                None,
+                len.min(t.cap),
+                SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK,
+            ) {
+                Ok(0) => return Err(WireError::Closed),
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => return Ok(0),
+                Err(Errno::ECONNRESET) => return Err(WireError::Closed),
+                Err(e) => return Err(io_err(e)),
+            }
+        };
+        self.through_to_console(stream, n);
+        Ok(n)
+    }
+
+    /// Empties the through pipe, which holds `n` bytes, onto the console.
+    fn through_to_console(&mut self, stream: Stream, mut n: usize) {
+        let which = usize::from(stream == Stream::Stderr);
+        while n > 0 {
+            let t = self.through.as_ref().expect("through pipe");
+            if self.console_closed || self.no_splice[which] {
+                let mut buf = vec![0; n.min(256 << 10)];
+                match nix::unistd::read(&t.r, &mut buf) {
+                    Ok(k) => {
+                        n -= k;
+                        self.console(stream, &buf[..k]);
+                    }
+                    Err(Errno::EINTR) => {}
+                    Err(_) => return,
+                }
+                continue;
+            }
+            let out = match stream {
+                Stream::Stdout => self.stdout.as_fd(),
+                Stream::Stderr => self.stderr.as_fd(),
+            };
+            match splice(&t.r, None, out, None, n, SpliceFFlags::SPLICE_F_MOVE) {
+                Ok(k) => n -= k,
+                Err(Errno::EINTR) => {}
+                Err(Errno::EAGAIN) => {
+                    // A non-blocking console: wait until it takes more.
+                    let mut p = [nix::poll::PollFd::new(out, nix::poll::PollFlags::POLLOUT)];
+                    let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
+                }
+                Err(Errno::EPIPE) => self.console_closed = true,
+                Err(_) => self.no_splice[which] = true,
+            }
         }
     }
 

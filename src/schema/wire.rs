@@ -255,12 +255,27 @@ pub fn push_message<M: Encode>(out: &mut Vec<u8>, msg: &M) {
     out.extend_from_slice(&body);
 }
 
+/// Size of a data frame's header: length, kind, rank, channel.
+pub const DATA_HEADER: usize = 10;
+
 /// Encodes the header of a data frame of `len` bytes onto `out`; the caller appends the bytes.
 pub fn push_data_header(out: &mut Vec<u8>, rank: Rank, channel: Channel, len: usize) {
     out.extend_from_slice(&((len + 6) as u32).to_le_bytes());
     out.push(KIND_DATA);
     out.extend_from_slice(&rank.0.to_le_bytes());
     out.push(channel.to_byte());
+}
+
+/// A frame, or the start of a data frame whose payload is still (`rest` bytes of it) in the fd.
+#[derive(Debug, PartialEq)]
+pub enum Part<M> {
+    Message(M),
+    Data {
+        rank: Rank,
+        channel: Channel,
+        bytes: Vec<u8>,
+        rest: usize,
+    },
 }
 
 /// Reassembles frames from a non-blocking stream fd. The buffer is always initialised up to its
@@ -309,9 +324,15 @@ impl FrameReader {
 
     /// Reads what the fd has, once. Returns false once the peer has closed.
     pub fn fill(&mut self, fd: BorrowedFd<'_>) -> Result<bool, WireError> {
-        self.make_room(MAX_CHUNK + 16);
+        self.fill_upto(fd, MAX_CHUNK + 16)
+    }
+
+    /// Reads at most `max` bytes, once. Returns false once the peer has closed.
+    pub fn fill_upto(&mut self, fd: BorrowedFd<'_>, max: usize) -> Result<bool, WireError> {
+        self.make_room(max);
+        let end = self.end + max;
         loop {
-            match nix::unistd::read(fd, &mut self.buf[self.end..]) {
+            match nix::unistd::read(fd, &mut self.buf[self.end..end]) {
                 Ok(0) => {
                     self.eof = true;
                     return Ok(false);
@@ -330,6 +351,63 @@ impl FrameReader {
                 Err(e) => return Err(WireError::Io(e.into())),
             }
         }
+    }
+
+    /// How many bytes can be read next without reading into a data frame's payload: the rest
+    /// of the current frame's header, or of a message. Zero when a frame (or a data frame's
+    /// header) is complete and [`next_part`](Self::next_part) has something to return.
+    pub fn header_room(&self) -> usize {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < 5 {
+            return DATA_HEADER - avail.len();
+        }
+        let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+        if avail[4] == KIND_DATA || len > MAX_FRAME {
+            return DATA_HEADER.saturating_sub(avail.len());
+        }
+        (4 + len).saturating_sub(avail.len())
+    }
+
+    /// Like [`next_frame`](Self::next_frame), but a data frame is returned as soon as its
+    /// header is buffered, with the part of its payload that is buffered; the caller takes the
+    /// other `rest` bytes straight from the fd (with `splice`, say).
+    pub fn next_part<M: Decode<()>>(&mut self) -> Result<Option<Part<M>>, WireError> {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() >= DATA_HEADER && avail[4] == KIND_DATA {
+            let len = u32::from_le_bytes(avail[..4].try_into().expect("4 bytes")) as usize;
+            if len > MAX_FRAME {
+                return Err(WireError::TooLarge(len));
+            }
+            if len < 6 {
+                return Err(WireError::BadData);
+            }
+            let rank = Rank(u32::from_le_bytes(avail[5..9].try_into().expect("4 bytes")));
+            let channel = Channel::from_byte(avail[9]).ok_or(WireError::BadData)?;
+            let payload = len - 6;
+            let here = payload.min(avail.len() - DATA_HEADER);
+            let bytes = avail[DATA_HEADER..DATA_HEADER + here].to_vec();
+            self.start += DATA_HEADER + here;
+            return Ok(Some(Part::Data {
+                rank,
+                channel,
+                bytes,
+                rest: payload - here,
+            }));
+        }
+        Ok(match self.next_frame()? {
+            None => None,
+            Some(Frame::Message(m)) => Some(Part::Message(m)),
+            Some(Frame::Data {
+                rank,
+                channel,
+                bytes,
+            }) => Some(Part::Data {
+                rank,
+                channel,
+                bytes,
+                rest: 0,
+            }),
+        })
     }
 
     /// The next complete frame, if one is buffered.

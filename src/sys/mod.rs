@@ -377,6 +377,17 @@ pub fn inode_of(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(nix::sys::stat::fstat(fd)?.st_ino)
 }
 
+/// How many bytes a pipe or socket holds unread (`FIONREAD`).
+pub fn readable_bytes(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int through the pointer, which points at a live local.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n.max(0) as usize)
+}
+
 /// Takes ownership of an fd number this process inherited by contract (e.g. a holder's control
 /// pipe on fd 3). The caller must not use the number elsewhere afterwards.
 pub fn take_inherited_fd(fd: RawFd) -> OwnedFd {
