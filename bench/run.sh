@@ -16,7 +16,8 @@ cargo build --locked --release --quiet --bins --examples
 L=$PWD/target/release/lamcr
 COUNTER=$PWD/target/release/examples/counter
 work=$(mktemp -d /tmp/lamcr-bench.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+job=
+trap '[ -n "$job" ] && kill -KILL "$job" 2>/dev/null; rm -rf "$work"' EXIT
 export LAMCR_RUN_DIR=$work/run LAMCR_CKPT_DIR=$work/ckpt
 
 now() { date +%s%N; }
@@ -63,7 +64,8 @@ fi
 "$L" run --engine criu -n 4 "$COUNTER" 100000 50 256 0 >/dev/null 2>&1 &
 job=$!
 for _ in $(seq 200); do
-    holder=$(pgrep -f 'lamcr holder' | head -1 || true)
+    lamd=$(pgrep -P "$job" -f 'lamcr lamd' | head -1 || true)
+    holder=$( [ -n "$lamd" ] && pgrep -P "$lamd" -f 'lamcr holder' | head -1 || true)
     [ -n "$holder" ] && [ "$(pgrep -P "$holder" | wc -l)" -eq 4 ] && break
     sleep 0.05
 done
@@ -72,9 +74,15 @@ wait_touched "$holder"
 # on this VM, writing into page cache that has never been used (or was handed back to the host) is
 # several times slower than reusing freed pages, and that would punish whichever tool goes later.
 # One unmeasured warm-up pair first; then 5 alternating pairs.
+# Each rank's callback socket (fd 3, its peer is in lamd) is external, as lamcr declares it.
+ext=()
+for p in $(pgrep -P "$holder"); do
+    ino=$(readlink "/proc/$p/fd/3" | tr -dc 0-9)
+    ext+=(--external "unix[$ino]")
+done
 dump_raw() {
     rm -rf "$work/raw"; mkdir -p "$work/raw"; sync
-    time_ns criu dump -t "$holder" -D "$work/raw" --leave-running --ext-unix-sk --tcp-established --network-lock nftables --ghost-limit 268435456 -o dump.log
+    time_ns criu dump -t "$holder" -D "$work/raw" --leave-running "${ext[@]}" --tcp-established --network-lock nftables --ghost-limit 268435456 -o dump.log
     rm -rf "$work/raw"
 }
 dump_lamcr() {
@@ -94,7 +102,7 @@ done
 [ -n "${BENCH_VERBOSE:-}" ] && echo "lamcr ${ck[*]} raw ${raw[*]}" >&2
 # The checkpoint (e) restarts from.
 sync; "$L" checkpoint --term "$job" >/dev/null 2>&1
-wait "$job" || true
+wait "$job" || true; job=
 c=$(printf '%s\n' "${ck[@]}" | median); r=$(printf '%s\n' "${raw[@]}" | median)
 say "checkpoint 4 x 256 MiB: lamcr $(ms "$c") ms, raw criu dump $(ms "$r") ms, ratio $(ratio "$c" "$r")x (target <= 1.10)"
 
