@@ -7,12 +7,13 @@
 #       same holder tree with the same options (median of 5)
 #   (e) restart: `lamcr restart` of that checkpoint until every rank runs  vs  `criu restore -d` of
 #       the raw image (median of 3)
-# Usage: bench/run.sh [--write-readme]
+# Usage: bench/run.sh [--write-readme]   (BENCH_ONLY=ckpt: only (d) and (e); BENCH_NOSETUP=1: skip
+# set-up and build; BENCH_VERBOSE=1: print every sample)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-./scripts/setup.sh
+[ -n "${BENCH_NOSETUP:-}" ] || ./scripts/setup.sh
 export PATH="/usr/local/sbin:$PATH"
-cargo build --locked --release --quiet --bins --examples
+[ -n "${BENCH_NOSETUP:-}" ] || cargo build --locked --release --quiet --bins --examples
 L=$PWD/target/release/lamcr
 COUNTER=$PWD/target/release/examples/counter
 work=$(mktemp -d /tmp/lamcr-bench.XXXXXX)

@@ -11,7 +11,6 @@
 
 use std::collections::BTreeMap;
 use std::fs::File;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -131,20 +130,23 @@ fn follow(dir: &Path, stop: &AtomicBool) -> std::io::Result<Table> {
     Ok(table)
 }
 
-/// Hashes what the file holds beyond what was hashed already; returns the bytes read.
+/// Hashes what the file holds beyond what was hashed already; returns the bytes hashed. The new
+/// bytes are hashed where they lie in the page cache (a mapping), not copied out first: the dump
+/// is writing them on the other core, and a copy would double this thread's memory traffic.
 fn read_to_end(f: &mut Followed) -> std::io::Result<u64> {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut read = 0;
-    loop {
-        match f.file.read(&mut buf) {
-            Ok(0) => return Ok(read),
-            Ok(n) => {
-                f.hasher.update(&buf[..n]);
-                f.size += n as u64;
-                read += n as u64;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .map_or(4096, |p| p as u64);
+    let size = f.file.metadata()?.len();
+    if size <= f.size {
+        return Ok(0);
     }
+    let start = f.size - f.size % page;
+    if let Some(map) = crate::sys::FileMap::range(&f.file, start, size - start)? {
+        f.hasher.update(&map.bytes()[(f.size - start) as usize..]);
+    }
+    let read = size - f.size;
+    f.size = size;
+    Ok(read)
 }

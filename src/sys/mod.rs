@@ -417,7 +417,15 @@ pub struct FileMap {
 impl FileMap {
     /// Maps `file` (its current length). `None` for an empty file, which cannot be mapped.
     pub fn new(file: &std::fs::File) -> io::Result<Option<Self>> {
-        let len = usize::try_from(file.metadata()?.len()).map_err(io::Error::other)?;
+        let len = file.metadata()?.len();
+        Self::range(file, 0, len)
+    }
+
+    /// Maps `len` bytes of `file` from `offset`, which must be a multiple of the page size.
+    /// `None` when `len` is 0.
+    pub fn range(file: &std::fs::File, offset: u64, len: u64) -> io::Result<Option<Self>> {
+        let len = usize::try_from(len).map_err(io::Error::other)?;
+        let offset = libc::off_t::try_from(offset).map_err(io::Error::other)?;
         let Some(nz) = std::num::NonZeroUsize::new(len) else {
             return Ok(None);
         };
@@ -430,7 +438,7 @@ impl FileMap {
                 nix::sys::mman::ProtFlags::PROT_READ,
                 nix::sys::mman::MapFlags::MAP_PRIVATE | nix::sys::mman::MapFlags::MAP_POPULATE,
                 file,
-                0,
+                offset,
             )
         }?;
         Ok(Some(Self { ptr, len }))
