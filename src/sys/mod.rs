@@ -17,6 +17,7 @@ use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicI32, Ordering};
 
 use nix::unistd::Pid;
 
@@ -114,9 +115,115 @@ impl Prepared {
 ///
 /// An exec failure is returned as the child's errno (the child has then already exited with 127
 /// and has been reaped).
+///
+/// The child shares our memory until it execs (`CLONE_VM | CLONE_VFORK` on a stack of its own,
+/// as `posix_spawn` does), so no page table is copied for it; we wait only for it to reach
+/// `execve`, not for the new program to load. A child in a new pid namespace is forked instead.
 pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
     let mut prepared = Prepared::new(spec)?;
     let _ = (&prepared.argv, &prepared.env);
+    if spec.new_pid_namespace {
+        return fork_new_pid_namespace(spec, &mut prepared);
+    }
+    let highest = prepared.keep.iter().copied().max().unwrap_or(2);
+    let failed = AtomicI32::new(0);
+    let mut child = VforkChild {
+        spec,
+        prepared: &mut prepared,
+        report: Report {
+            pipe: -1,
+            errno: &failed,
+        },
+        highest,
+    };
+    let mut stack = vec![0u8; VFORK_STACK];
+    // The stack grows down from its 16-byte aligned top.
+    let top = {
+        let end = stack.as_mut_ptr_range().end as usize;
+        (end & !15) as *mut libc::c_void
+    };
+    // No handler of ours may run in the child, which shares our memory: every signal, libc's
+    // internal ones included (hence the raw system call), stays blocked until the child has
+    // reset all dispositions.
+    let all = u64::MAX;
+    let mut old = 0u64;
+    // SAFETY: rt_sigprocmask reads and writes one kernel sigset (8 bytes) through live locals.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &all as *const u64,
+            &mut old as *mut u64,
+            8usize,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `vfork_child` runs on `stack`, which outlives the call: with CLONE_VFORK we are
+    // suspended until the child has exec'd or exited, and only then do `stack`, `child` and
+    // `failed` go out of scope. The child calls only async-signal-safe functions, touches no
+    // memory but `child` (its own fds moves and the failure word) and never returns.
+    let pid = unsafe {
+        libc::clone(
+            vfork_child,
+            top,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            (&mut child as *mut VforkChild<'_>).cast(),
+        )
+    };
+    let clone_err = io::Error::last_os_error();
+    // SAFETY: as above; restores the mask saved there.
+    unsafe {
+        libc::syscall(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_SETMASK,
+            &old as *const u64,
+            std::ptr::null_mut::<u64>(),
+            8usize,
+        )
+    };
+    drop(stack);
+    if pid < 0 {
+        return Err(clone_err);
+    }
+    let pid = Pid::from_raw(pid);
+    match failed.load(Ordering::SeqCst) {
+        0 => Ok(pid),
+        errno => {
+            let _ = nix::sys::wait::waitpid(pid, None);
+            Err(io::Error::from_raw_os_error(errno))
+        }
+    }
+}
+
+/// Stack of a `spawn`ed child until it execs (it only moves fds and calls into libc).
+const VFORK_STACK: usize = 128 << 10;
+
+/// Everything a vforked child needs, on the parent's side of the shared memory.
+struct VforkChild<'a> {
+    spec: &'a SpawnSpec,
+    prepared: &'a mut Prepared,
+    report: Report,
+    highest: RawFd,
+}
+
+/// How a child that cannot exec says why: its errno into a word the parent reads, or (forked)
+/// down a close-on-exec pipe.
+struct Report {
+    pipe: RawFd,
+    errno: *const AtomicI32,
+}
+
+extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `VforkChild` that `spawn` passed, alive while the parent is suspended.
+    unsafe {
+        let c = &mut *arg.cast::<VforkChild<'_>>();
+        child_after_fork(c.spec, c.prepared, &c.report, c.highest)
+    }
+}
+
+fn fork_new_pid_namespace(spec: &SpawnSpec, prepared: &mut Prepared) -> io::Result<Pid> {
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     let highest = prepared
         .keep
@@ -125,31 +232,29 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
         .max()
         .unwrap_or(2)
         .max(err_w.as_raw_fd());
-
-    let pid = if spec.new_pid_namespace {
-        // SAFETY: a raw clone with only CLONE_NEWPID|SIGCHLD behaves like fork(): the child gets a
-        // copy of the address space and runs only `child_after_fork`, which is async-signal-safe
-        // and never returns.
-        unsafe {
-            libc::syscall(
-                libc::SYS_clone,
-                (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
-                0usize,
-                0usize,
-                0usize,
-                0usize,
-            )
-        }
-    } else {
-        // SAFETY: the child runs only `child_after_fork` (async-signal-safe, never returns).
-        unsafe { libc::fork() as libc::c_long }
+    // SAFETY: a raw clone with only CLONE_NEWPID|SIGCHLD behaves like fork(): the child gets a
+    // copy of the address space and runs only `child_after_fork`, which is async-signal-safe
+    // and never returns.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
     };
     if pid < 0 {
         return Err(io::Error::last_os_error());
     }
     if pid == 0 {
+        let report = Report {
+            pipe: err_w.as_raw_fd(),
+            errno: std::ptr::null(),
+        };
         // SAFETY: we are the freshly forked child; everything used was prepared before the fork.
-        unsafe { child_after_fork(spec, &mut prepared, err_w.as_raw_fd(), highest) }
+        unsafe { child_after_fork(spec, prepared, &report, highest) }
     }
     drop(err_w);
     let pid = Pid::from_raw(pid as i32);
@@ -189,7 +294,12 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
 ///
 /// # Safety
 /// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
-unsafe fn child_after_fork(spec: &SpawnSpec, p: &mut Prepared, err_w: RawFd, highest: RawFd) -> ! {
+unsafe fn child_after_fork(
+    spec: &SpawnSpec,
+    p: &mut Prepared,
+    report: &Report,
+    highest: RawFd,
+) -> ! {
     // SAFETY: the whole body makes only async-signal-safe libc calls on memory prepared before
     // the fork.
     unsafe {
@@ -206,13 +316,13 @@ unsafe fn child_after_fork(spec: &SpawnSpec, p: &mut Prepared, err_w: RawFd, hig
         for (i, &(src, _)) in p.fds.iter().enumerate() {
             let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, highest + 1);
             if fd < 0 {
-                fail(err_w);
+                fail(report);
             }
             p.moved[i] = fd;
         }
         for (i, &(_, dst)) in p.fds.iter().enumerate() {
             if libc::dup2(p.moved[i], dst) < 0 {
-                fail(err_w);
+                fail(report);
             }
         }
         // Close every fd that is not kept, except the error pipe (close-on-exec anyway).
@@ -220,15 +330,15 @@ unsafe fn child_after_fork(spec: &SpawnSpec, p: &mut Prepared, err_w: RawFd, hig
         for &k in p.keep.iter() {
             if k >= next {
                 if k > next {
-                    close_range(next, k - 1, err_w);
+                    close_range(next, k - 1, report.pipe);
                 }
                 next = k + 1;
             }
         }
-        close_range(next, RawFd::MAX, err_w);
+        close_range(next, RawFd::MAX, report.pipe);
         if let Some(cwd) = &p.cwd {
             if libc::chdir(cwd.as_ptr()) < 0 {
-                fail(err_w);
+                fail(report);
             }
         }
         libc::execve(
@@ -236,7 +346,7 @@ unsafe fn child_after_fork(spec: &SpawnSpec, p: &mut Prepared, err_w: RawFd, hig
             p.argv_ptrs.as_ptr(),
             p.env_ptrs.as_ptr(),
         );
-        fail(err_w)
+        fail(report)
     }
 }
 
@@ -282,35 +392,42 @@ unsafe fn close_range(lo: RawFd, hi: RawFd, skip: RawFd) {
 ///
 /// # Safety
 /// Async-signal-safe; only for use in a forked child.
-unsafe fn fail(err_w: RawFd) -> ! {
-    // SAFETY: errno location, write and _exit are async-signal-safe.
+unsafe fn fail(report: &Report) -> ! {
+    // SAFETY: errno location, an atomic store, write and _exit are async-signal-safe; a
+    // non-null `errno` points at the parent's word, alive while the parent is suspended.
     unsafe {
         let errno = *libc::__errno_location();
-        let bytes = errno.to_ne_bytes();
-        libc::write(err_w, bytes.as_ptr().cast(), bytes.len());
+        if let Some(word) = report.errno.as_ref() {
+            word.store(errno.max(1), Ordering::SeqCst);
+        }
+        if report.pipe >= 0 {
+            let bytes = errno.to_ne_bytes();
+            libc::write(report.pipe, bytes.as_ptr().cast(), bytes.len());
+        }
         libc::_exit(127)
     }
 }
 
-/// Unblocks every signal and resets every disposition to the default.
+/// Resets every disposition to the default, then unblocks every signal.
 ///
 /// # Safety
 /// Async-signal-safe. Changes process-global state: callers own that decision.
 unsafe fn reset_signals_raw() {
     // SAFETY: sigemptyset/sigprocmask/sigaction on locals; all async-signal-safe.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        // Dispositions first: a child sharing its parent's memory must never run a handler.
         let mut act: libc::sigaction = std::mem::zeroed();
         act.sa_sigaction = libc::SIG_DFL;
         libc::sigemptyset(&mut act.sa_mask);
-        for sig in 1..libc::SIGRTMAX() {
+        for sig in 1..=libc::SIGRTMAX() {
             if sig == libc::SIGKILL || sig == libc::SIGSTOP {
                 continue;
             }
             libc::sigaction(sig, &act, std::ptr::null_mut());
         }
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
     }
 }
 
