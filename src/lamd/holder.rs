@@ -23,7 +23,7 @@ use nix::unistd::Pid;
 
 use crate::schema::wire::{Frame, FrameReader, Outbox};
 use crate::schema::{ExitStatus, Rank};
-use crate::sys::{SpawnSpec, install_signal_pipe, spawn};
+use crate::sys::{SpawnSpec, install_signal_pipe, spawn_all};
 
 pub const CONTROL_FD: RawFd = 3;
 pub const STATUS_FD: RawFd = 4;
@@ -166,25 +166,30 @@ fn drain(fd: BorrowedFd<'_>) {
 
 fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut Outbox) {
     let devnull = std::fs::File::open("/dev/null").ok();
-    for r in ranks {
-        let stdin = r
-            .stdin_fd
-            .or_else(|| devnull.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
-        let mut fds = vec![(r.stdout_fd, 1), (r.stderr_fd, 2)];
-        if let Some(fd) = stdin {
-            fds.push((fd, 0));
-        }
-        fds.extend(r.extra_fds.iter().copied());
-        let spec = SpawnSpec {
-            program: r.program.clone().into(),
-            argv: r.argv.iter().map(Into::into).collect(),
-            env: r.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
-            fds,
-            cwd: Some(r.cwd.clone().into()),
-            close_stdio: true,
-            ..Default::default()
-        };
-        match spawn(&spec) {
+    let specs: Vec<SpawnSpec> = ranks
+        .iter()
+        .map(|r| {
+            let stdin = r
+                .stdin_fd
+                .or_else(|| devnull.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
+            let mut fds = vec![(r.stdout_fd, 1), (r.stderr_fd, 2)];
+            if let Some(fd) = stdin {
+                fds.push((fd, 0));
+            }
+            fds.extend(r.extra_fds.iter().copied());
+            SpawnSpec {
+                program: r.program.clone().into(),
+                argv: r.argv.iter().map(Into::into).collect(),
+                env: r.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+                fds,
+                cwd: Some(r.cwd.clone().into()),
+                close_stdio: true,
+                ..Default::default()
+            }
+        })
+        .collect();
+    for (r, result) in ranks.iter().zip(spawn_all(&specs)) {
+        match result {
             Ok(pid) => {
                 live.insert(pid.as_raw(), r.rank);
                 out.push(&HolderEvent::Spawned {

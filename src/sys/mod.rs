@@ -57,6 +57,8 @@ struct Prepared {
     /// Scratch space for the child: where each source fd was moved to.
     moved: Vec<RawFd>,
     keep: Vec<RawFd>,
+    /// Signals whose disposition the child must set back to the default before it execs.
+    reset: Vec<libc::c_int>,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -66,6 +68,10 @@ fn cstring(bytes: &[u8]) -> io::Result<CString> {
 
 impl Prepared {
     fn new(spec: &SpawnSpec) -> io::Result<Self> {
+        Self::new_with(spec, altered_signals())
+    }
+
+    fn new_with(spec: &SpawnSpec, reset: Vec<libc::c_int>) -> io::Result<Self> {
         let program = cstring(spec.program.as_os_str().as_bytes())?;
         let argv = spec
             .argv
@@ -107,6 +113,7 @@ impl Prepared {
             fds: spec.fds.clone(),
             moved: vec![0; spec.fds.len()],
             keep,
+            reset,
         })
     }
 }
@@ -120,7 +127,40 @@ impl Prepared {
 /// as `posix_spawn` does), so no page table is copied for it; we wait only for it to reach
 /// `execve`, not for the new program to load. A child in a new pid namespace is forked instead.
 pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
-    let mut prepared = Prepared::new(spec)?;
+    let prepared = Prepared::new(spec)?;
+    spawn_prepared(spec, prepared)
+}
+
+/// Spawns every spec in turn (see [`spawn`]); the signal dispositions are read once for all.
+pub fn spawn_all(specs: &[SpawnSpec]) -> Vec<io::Result<Pid>> {
+    let reset = altered_signals();
+    specs
+        .iter()
+        .map(|spec| {
+            let prepared = Prepared::new_with(spec, reset.clone())?;
+            spawn_prepared(spec, prepared)
+        })
+        .collect()
+}
+
+/// The signals whose disposition is not the default (handled or ignored). An exec resets
+/// handled ones itself but keeps ignored ones; a child that shares our memory must not run a
+/// handler of ours before it execs. Either way these are what a child resets.
+fn altered_signals() -> Vec<libc::c_int> {
+    (1..=libc::SIGRTMAX())
+        .filter(|&sig| sig != libc::SIGKILL && sig != libc::SIGSTOP)
+        .filter(|&sig| {
+            // SAFETY: a query (null new action) into a zeroed local; all-zero is a valid sigaction.
+            unsafe {
+                let mut old: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(sig, std::ptr::null(), &mut old) == 0
+                    && old.sa_sigaction != libc::SIG_DFL
+            }
+        })
+        .collect()
+}
+
+fn spawn_prepared(spec: &SpawnSpec, mut prepared: Prepared) -> io::Result<Pid> {
     let _ = (&prepared.argv, &prepared.env);
     if spec.new_pid_namespace {
         return fork_new_pid_namespace(spec, &mut prepared);
@@ -303,7 +343,7 @@ unsafe fn child_after_fork(
     // SAFETY: the whole body makes only async-signal-safe libc calls on memory prepared before
     // the fork.
     unsafe {
-        reset_signals_raw();
+        reset_signals_raw(&p.reset);
         if spec.setsid {
             libc::setsid();
         }
@@ -408,21 +448,19 @@ unsafe fn fail(report: &Report) -> ! {
     }
 }
 
-/// Resets every disposition to the default, then unblocks every signal.
+/// Sets the dispositions of `reset` (see [`altered_signals`]) back to the default, then unblocks
+/// every signal.
 ///
 /// # Safety
 /// Async-signal-safe. Changes process-global state: callers own that decision.
-unsafe fn reset_signals_raw() {
+unsafe fn reset_signals_raw(reset: &[libc::c_int]) {
     // SAFETY: sigemptyset/sigprocmask/sigaction on locals; all async-signal-safe.
     unsafe {
         // Dispositions first: a child sharing its parent's memory must never run a handler.
         let mut act: libc::sigaction = std::mem::zeroed();
         act.sa_sigaction = libc::SIG_DFL;
         libc::sigemptyset(&mut act.sa_mask);
-        for sig in 1..=libc::SIGRTMAX() {
-            if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-                continue;
-            }
+        for &sig in reset {
             libc::sigaction(sig, &act, std::ptr::null_mut());
         }
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -459,7 +497,7 @@ pub fn exec_self(
     // SAFETY: resetting dispositions is intended here, the image is about to be replaced; execve
     // gets NUL-terminated arrays built above that outlive the call.
     unsafe {
-        reset_signals_raw();
+        reset_signals_raw(&p.reset);
         libc::execve(
             p.program.as_ptr(),
             p.argv_ptrs.as_ptr(),
