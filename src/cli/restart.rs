@@ -27,7 +27,7 @@ pub struct RestartArgs {
 }
 
 pub fn main(a: RestartArgs) -> i32 {
-    let (epoch_dir, manifest) =
+    let (epoch_dir, (manifest, unverified)) =
         match commit::resolve(&a.path).and_then(|d| commit::load(&d).map(|m| (d, m))) {
             Ok(x) => x,
             Err(e) => {
@@ -37,6 +37,7 @@ pub fn main(a: RestartArgs) -> i32 {
         };
     let handover = Handover {
         schema: manifest.schema,
+        unverified,
         epoch_dir: epoch_dir
             .canonicalize()
             .unwrap_or(epoch_dir)

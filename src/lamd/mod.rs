@@ -57,6 +57,8 @@ pub enum DaemonError {
     Sys(#[from] Errno),
     #[error("i/o failed")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Checkpoint(#[from] crate::launcher::commit::StoreError),
 }
 
 /// How `lamcr lamd` was started.
@@ -473,11 +475,18 @@ impl Daemon {
                 epoch_dir,
                 image,
                 ranks,
-            } => match self.restore(&epoch_dir, image, ranks) {
+                verify,
+            } => match self.restore(&epoch_dir, image, ranks, verify) {
                 Ok(()) => self.report_started_if_ready(),
-                Err(e) => self.launcher.out.push(&FromDaemon::StartFailed {
-                    reason: crate::error_chain(&e),
-                }),
+                Err(e) => {
+                    self.launcher.out.push(&FromDaemon::StartFailed {
+                        reason: crate::error_chain(&e),
+                    });
+                    // Nothing of this node runs: its ranks are over (as killed) for the launcher.
+                    for slot in self.ranks.values_mut() {
+                        slot.status.get_or_insert(ExitStatus::Signal(libc::SIGKILL));
+                    }
+                }
             },
             ToDaemon::StdinEof { rank } => {
                 if let Some(slot) = self.ranks.get_mut(&rank) {

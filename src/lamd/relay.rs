@@ -226,13 +226,10 @@ impl Daemon {
             return true;
         }
         flow.held = false;
-        match self.stage.stage(
-            &mut self.launcher.out,
-            rank,
-            channel,
-            fd.as_fd(),
-            avail,
-        ) {
+        match self
+            .stage
+            .stage(&mut self.launcher.out, rank, channel, fd.as_fd(), avail)
+        {
             Ok(n) => {
                 *count += n as u64;
                 flow.last = n;

@@ -5,7 +5,7 @@
 //! `rst_sibling`, so the restored holder is our child and `waitpid` sees real exit statuses.
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nix::fcntl::{FcntlArg, fcntl};
 
@@ -13,8 +13,9 @@ use super::dump::{open_dir, tcp_wanted};
 use super::launch::{Launching, cr_socketpair};
 use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
 use crate::engine::criu::{self, Common};
+use crate::launcher::commit::{StoreError, verify_checksums};
 use crate::schema::wire::Resumed;
-use crate::schema::{Engine, NodeImage, RankCr, RankImage, RankSpec};
+use crate::schema::{Engine, FileEntry, NodeImage, RankCr, RankImage, RankSpec};
 
 impl Daemon {
     pub(super) fn restore(
@@ -22,6 +23,7 @@ impl Daemon {
         epoch_dir: &str,
         image: NodeImage,
         specs: Vec<RankSpec>,
+        verify: Vec<FileEntry>,
     ) -> Result<(), DaemonError> {
         if self.holder.is_some() || !self.ranks.is_empty() {
             return Err(DaemonError::Io(std::io::Error::other(
@@ -29,6 +31,7 @@ impl Daemon {
             )));
         }
         if image.engine == Engine::SelfState {
+            // The launcher verified the (small) state files before it started us.
             return self.restore_self(epoch_dir, image, specs);
         }
         let mut inherit: Vec<(String, OwnedFd)> = Vec::new();
@@ -123,13 +126,44 @@ impl Daemon {
             .iter()
             .map(|(k, fd)| (k.clone(), fd.as_fd()))
             .collect();
-        let pid = criu::restore(&common, &borrowed, &mut |_| true).map_err(|e| {
-            DaemonError::Io(std::io::Error::other(format!(
-                "{} ({})",
-                crate::error_chain(&e),
-                self.work_dir.join("restore.log").display()
-            )))
-        })?;
+        // The images are checksummed on one core while CRIU restores from them on the other. CRIU
+        // asks at `post-restore`, when every process is rebuilt and none has run yet: a mismatch
+        // there makes CRIU kill them all, so a corrupt image never runs.
+        let mut verifier = Some(Verifier::start(Path::new(epoch_dir), verify));
+        let mut mismatch = None;
+        let restored = criu::restore(&common, &borrowed, &mut |stage| {
+            if stage == "post-restore" {
+                if let Some(Err(e)) = verifier.take().map(Verifier::finish) {
+                    mismatch = Some(e);
+                    return false;
+                }
+            }
+            true
+        });
+        // Should CRIU fail (or never ask) first, the checksums still decide what is reported.
+        if let Some(Err(e)) = verifier.take().map(Verifier::finish) {
+            mismatch.get_or_insert(e);
+        }
+        let pid = match (restored, mismatch) {
+            (Ok(pid), None) => pid,
+            (restored, Some(e)) => {
+                if let Ok(pid) = restored {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
+                }
+                return Err(e.into());
+            }
+            (Err(e), None) => {
+                return Err(DaemonError::Io(std::io::Error::other(format!(
+                    "{} ({})",
+                    crate::error_chain(&e),
+                    self.work_dir.join("restore.log").display()
+                ))));
+            }
+        };
         drop(borrowed);
         drop(inherit);
         self.holder = Some(Holder::new(
@@ -212,5 +246,28 @@ impl Daemon {
         }
         self.cr_round = image.cr_round;
         Ok(())
+    }
+}
+
+/// Checksums a node's image files on a thread of its own.
+struct Verifier(std::thread::JoinHandle<Result<(), StoreError>>);
+
+impl Verifier {
+    fn start(epoch_dir: &Path, files: Vec<FileEntry>) -> Self {
+        let dir = epoch_dir.to_path_buf();
+        // One core for CRIU, the rest for the checksums.
+        let workers = std::thread::available_parallelism().map_or(1, |n| n.get().max(2) - 1);
+        Verifier(std::thread::spawn(move || {
+            verify_checksums(&dir, &files, workers)
+        }))
+    }
+
+    fn finish(self) -> Result<(), StoreError> {
+        self.0.join().unwrap_or_else(|_| {
+            Err(StoreError::Read {
+                path: PathBuf::new(),
+                source: std::io::Error::other("checksum thread failed"),
+            })
+        })
     }
 }

@@ -9,7 +9,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use crate::schema::manifest::{FILE_NAME, Manifest, ManifestError};
-use crate::schema::{Epoch, JobId};
+use crate::schema::{Engine, Epoch, FileEntry, JobId};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -215,8 +215,12 @@ pub fn resolve(path: &Path) -> Result<PathBuf, StoreError> {
     }
 }
 
-/// Reads and fully verifies a checkpoint: the manifest, then every image file's size and checksum.
-pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
+/// Reads and verifies a checkpoint: the manifest, then every image file's name and size, then
+/// the checksums of the files no CRIU restore reads. A CRIU node's images are checksummed by
+/// its lamd while CRIU restores from them (see [`verify_checksums`]): the files are read once
+/// in parallel instead of twice in a row, and no restored process runs before they pass.
+/// Returns the manifest and the files whose checksums are still to be verified.
+pub fn load(epoch_dir: &Path) -> Result<(Manifest, Vec<FileEntry>), StoreError> {
     let mpath = epoch_dir.join(FILE_NAME);
     let bytes = std::fs::read(&mpath).map_err(|source| match source.kind() {
         std::io::ErrorKind::NotFound => StoreError::NoManifest {
@@ -231,9 +235,7 @@ pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
         path: mpath.clone(),
         source,
     })?;
-    // Names and sizes first (cheap, and the first error in manifest order is the one reported),
-    // then the checksums, on every core: a restart waits for them.
-    let mut paths = Vec::with_capacity(manifest.files.len());
+    // Names and sizes first (cheap, and the first error in manifest order is the one reported).
     for f in &manifest.files {
         let rel = Path::new(&f.path);
         if rel.is_absolute()
@@ -253,12 +255,35 @@ pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
                 actual: meta.len(),
             });
         }
-        paths.push(path);
     }
+    let criu_dirs: Vec<String> = manifest
+        .schema
+        .nodes
+        .iter()
+        .filter(|n| n.engine == Engine::Criu && !n.images_dir.is_empty())
+        .map(|n| format!("{}/", n.images_dir))
+        .collect();
+    let (deferred, now): (Vec<FileEntry>, Vec<FileEntry>) = manifest
+        .files
+        .iter()
+        .cloned()
+        .partition(|f| criu_dirs.iter().any(|d| f.path.starts_with(d.as_str())));
     let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    verify_checksums(epoch_dir, &now, workers)?;
+    Ok((manifest, deferred))
+}
+
+/// Checks `files` (relative to `epoch_dir`) against their checksums with up to `workers`
+/// threads. The first mismatch in `files` order is the one reported.
+pub fn verify_checksums(
+    epoch_dir: &Path,
+    files: &[FileEntry],
+    workers: usize,
+) -> Result<(), StoreError> {
+    let paths: Vec<PathBuf> = files.iter().map(|f| epoch_dir.join(&f.path)).collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let results: Vec<(usize, Result<u64, std::io::Error>)> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers.min(paths.len()))
+        let handles: Vec<_> = (0..workers.max(1).min(paths.len()))
             .map(|_| {
                 scope.spawn(|| {
                     let mut done = Vec::new();
@@ -291,9 +316,9 @@ pub fn load(epoch_dir: &Path) -> Result<Manifest, StoreError> {
             path: path.clone(),
             source,
         })?;
-        if sum != manifest.files[i].xxh3 {
+        if sum != files[i].xxh3 {
             return Err(StoreError::ImageChecksum { path });
         }
     }
-    Ok(manifest)
+    Ok(())
 }

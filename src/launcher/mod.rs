@@ -29,11 +29,12 @@ use nix::unistd::Pid;
 
 use crate::handlers::{AsyncHandler, CheckpointContext, Outcome, Request};
 use crate::schema::wire::{
-    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Part, Role,
-    ToDaemon, ToLauncher, WireError,
+    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Part,
+    Role, ToDaemon, ToLauncher, WireError,
 };
 use crate::schema::{
-    Epoch, ExitStatus, JobSpec, NodeId, NodeImage, Rank, RankImage, RestartPolicy, Stream,
+    Epoch, ExitStatus, FileEntry, JobSpec, NodeId, NodeImage, Rank, RankImage, RestartPolicy,
+    Stream,
 };
 use control::{JobInfo, RunDir};
 use output::OutputSink;
@@ -77,6 +78,8 @@ pub enum Start {
         epoch: Epoch,
         epoch_dir: PathBuf,
         nodes: Vec<NodeImage>,
+        /// Files whose checksums the nodes verify during the restore.
+        unverified: Vec<FileEntry>,
     },
 }
 
@@ -401,7 +404,10 @@ impl Launcher {
             match &self.start {
                 Start::Launch => n.out.push(&ToDaemon::Launch { ranks }),
                 Start::Restore {
-                    epoch_dir, nodes, ..
+                    epoch_dir,
+                    nodes,
+                    unverified,
+                    ..
                 } => {
                     let image =
                         nodes
@@ -418,10 +424,17 @@ impl Launcher {
                                 engine: self.spec.engine,
                                 cr_round: 0,
                             });
+                    let prefix = format!("{}/", image.images_dir);
+                    let verify = unverified
+                        .iter()
+                        .filter(|f| !image.images_dir.is_empty() && f.path.starts_with(&prefix))
+                        .cloned()
+                        .collect();
                     n.out.push(&ToDaemon::Restore {
                         epoch_dir: epoch_dir.display().to_string(),
                         image,
                         ranks,
+                        verify,
                     });
                 }
             }
@@ -607,7 +620,7 @@ impl Launcher {
             p.restarts + 1,
             p.auto_restart
         );
-        let manifest = match commit::load(&r.dir) {
+        let (manifest, unverified) = match commit::load(&r.dir) {
             Ok(m) => m,
             Err(e) => {
                 eprintln!("lamcr: cannot restart: {}", crate::error_chain(&e));
@@ -616,6 +629,7 @@ impl Launcher {
         };
         let handover = resume::Handover {
             schema: manifest.schema,
+            unverified,
             epoch_dir: r.dir.display().to_string(),
             print_all_exitcodes: self.opts.print_all_exitcodes,
             grace_ms: self.opts.grace.as_millis() as u64,
@@ -911,7 +925,10 @@ impl Launcher {
     /// messages are read, data payloads are spliced from the socket to the console.
     fn on_node_raw(&mut self, i: usize) {
         if let Some((rank, stream, rest)) = self.nodes[i].payload {
-            match self.sink.splice_from(self.nodes[i].fd.as_fd(), stream, rest) {
+            match self
+                .sink
+                .splice_from(self.nodes[i].fd.as_fd(), stream, rest)
+            {
                 Ok(n) => {
                     self.nodes[i].payload = (n < rest).then_some((rank, stream, rest - n));
                 }

@@ -14,12 +14,14 @@ use std::time::Duration;
 use bincode::{Decode, Encode};
 
 use super::{Launcher, RunOptions, Start};
-use crate::schema::{JobId, RestartPolicy, RestartSchema};
+use crate::schema::{FileEntry, JobId, RestartPolicy, RestartSchema};
 
 /// What the restarted launcher receives across its `execve`.
 #[derive(Debug, Encode, Decode)]
 pub struct Handover {
     pub schema: RestartSchema,
+    /// Image files whose checksums each node's lamd verifies while CRIU restores from them.
+    pub unverified: Vec<FileEntry>,
     pub epoch_dir: String,
     pub print_all_exitcodes: bool,
     pub grace_ms: u64,
@@ -98,6 +100,7 @@ pub fn resume(fd: i32) -> i32 {
         epoch: h.schema.epoch,
         epoch_dir: PathBuf::from(h.epoch_dir),
         nodes: h.schema.nodes.clone(),
+        unverified: h.unverified,
     };
     match Launcher::new(spec, opts, start) {
         Ok(l) => l.run(),

@@ -18,7 +18,7 @@ use super::codec::{self, CodecError};
 use super::{Engine, Epoch, ExitStatus, FileEntry, JobId, NodeId, NodeImage, Rank, RankSpec};
 
 /// Bumped on any incompatible change to the messages below.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 /// First bytes of every hello, so a stray connection is told apart from a peer speaking another version.
 pub const MAGIC: [u8; 4] = *b"LAMD";
 /// The largest frame accepted (16 MiB).
@@ -81,6 +81,9 @@ pub enum ToDaemon {
         epoch_dir: String,
         image: NodeImage,
         ranks: Vec<RankSpec>,
+        /// Image files to checksum while CRIU restores from them; no restored process runs
+        /// before they pass.
+        verify: Vec<FileEntry>,
     },
     /// The launcher's stdin reached EOF for this rank.
     StdinEof { rank: Rank },
