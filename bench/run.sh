@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Benchmarks that print ratios against a baseline measured in the same run.
-#   (a) launch: lamcr run -n 32 /bin/true  vs  MPICH's mpiexec -n 32 /bin/true (median of 7)
+#   (a) launch: lamcr run -n 32 /bin/true  vs  MPICH's mpiexec -n 32 /bin/true (median of 11,
+#       alternating)
 #   (b) forwarding: 1 rank writing 1 GiB through lamcr into /dev/null  vs  the same writer into a pipe
 #   (c) 4 ranks x 256 MiB through lamcr  vs  4 writers into 4 pipes
 #   (d) checkpoint: 4 ranks x 256 MiB of touched memory, `lamcr checkpoint`  vs  `criu dump` of the
@@ -45,8 +46,13 @@ say() { printf '%s\n' "$*"; out+=("$*"); }
 if [ "${BENCH_ONLY:-}" != ckpt ]; then
 # (a) launch
 for _ in 1 2; do "$L" run -n 32 /bin/true; mpiexec -n 32 /bin/true; done >/dev/null 2>&1
-l=$(for _ in $(seq 7); do time_ns "$L" run -n 32 /bin/true; done | median)
-m=$(for _ in $(seq 7); do time_ns mpiexec -n 32 /bin/true; done | median)
+# Alternating runs, so that a drift in the machine's speed hits both the same.
+ls=(); ms=()
+for _ in $(seq 11); do
+    ls+=("$(time_ns "$L" run -n 32 /bin/true)")
+    ms+=("$(time_ns mpiexec -n 32 /bin/true)")
+done
+l=$(printf '%s\n' "${ls[@]}" | median); m=$(printf '%s\n' "${ms[@]}" | median)
 say "launch -n 32 /bin/true: lamcr $(ms "$l") ms, mpiexec $(ms "$m") ms, ratio $(ratio "$l" "$m")x (target <= 1.00)"
 
 # (b) 1 GiB through one rank
