@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use nix::sys::signal::Signal;
 
-use common::{Env, LiveJob, stderr_of, stdout_of, write_file};
+use common::{Env, LiveJob, stderr_of, stdout_of, wait_status, write_file};
 
 fn sorted_lines(s: &str) -> Vec<String> {
     let mut v: Vec<String> = s.lines().map(String::from).collect();
@@ -103,6 +103,48 @@ fn output_is_byte_exact_even_when_the_rank_exits_right_after_writing() {
         o.stdout.len(),
         data.len()
     );
+}
+
+/// Output moved by `splice` reaches every kind of console byte for byte: a pipe (above), a
+/// regular file, and a file opened for appending (which refuses `splice`: copied instead).
+#[test]
+fn output_is_byte_exact_into_files_and_appending_files() {
+    let env = Env::new();
+    let data: Vec<u8> = (0..3_000_000u32)
+        .map(|i| (i.wrapping_mul(2_246_822_519) >> 11) as u8)
+        .collect();
+    let blob = env.path("blob");
+    std::fs::write(&blob, &data).unwrap();
+    for append in [false, true] {
+        let out = env.path(if append { "appended" } else { "written" });
+        std::fs::write(&out, b"before\n").unwrap();
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .append(append)
+            .open(&out)
+            .unwrap();
+        if !append {
+            file.set_len(0).unwrap();
+        }
+        let mut cmd = env.cmd(&["run", "-n", "1", "cat", blob.to_str().unwrap()]);
+        cmd.stdout(file);
+        let status = wait_status(&mut cmd.spawn().unwrap(), Duration::from_secs(60));
+        assert!(status.success());
+        let mut want = if append {
+            b"before\n".to_vec()
+        } else {
+            Vec::new()
+        };
+        want.extend_from_slice(&data);
+        let got = std::fs::read(&out).unwrap();
+        assert!(
+            got == want,
+            "append={append}: {} bytes, want {}",
+            got.len(),
+            want.len()
+        );
+    }
+    env.assert_no_leftovers();
 }
 
 #[test]
