@@ -878,52 +878,14 @@ impl Launcher {
         self.fail(Failure::NodeLost { node: id });
     }
 
+    /// Reads what a lamd sent. When output goes to the console as is (`sink.raw()`), only frame
+    /// headers and messages are read: each data payload is spliced from the socket to the
+    /// console, one splice per wake-up.
     fn on_node(&mut self, i: usize) {
         if self.nodes[i].gone {
             return;
         }
-        if self.sink.raw() {
-            self.on_node_raw(i);
-            return;
-        }
-        let open = {
-            let n = &mut self.nodes[i];
-            n.reader.fill(n.fd.as_fd()).unwrap_or(false)
-        };
-        loop {
-            let frame = match self.nodes[i].reader.next_frame::<FromDaemon>() {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("lamcr: node {}: {e}", self.nodes[i].id);
-                    self.node_lost(i);
-                    return;
-                }
-            };
-            match frame {
-                Frame::Data {
-                    rank,
-                    channel,
-                    bytes,
-                } => {
-                    let stream = if channel == Channel::Stderr {
-                        Stream::Stderr
-                    } else {
-                        Stream::Stdout
-                    };
-                    self.sink.write(rank, stream, &bytes);
-                }
-                Frame::Message(m) => self.on_daemon_message(i, m),
-            }
-        }
-        if !open {
-            self.node_lost(i);
-        }
-    }
-
-    /// [`on_node`](Self::on_node) when output goes to the console as is: frame headers and
-    /// messages are read, data payloads are spliced from the socket to the console.
-    fn on_node_raw(&mut self, i: usize) {
+        let raw = self.sink.raw();
         if let Some((rank, stream, rest)) = self.nodes[i].payload {
             match self
                 .sink
@@ -943,13 +905,21 @@ impl Launcher {
         }
         let open = {
             let n = &mut self.nodes[i];
-            match n.reader.header_room() {
-                0 => true,
-                room => n.reader.fill_upto(n.fd.as_fd(), room).unwrap_or(false),
+            match (raw, n.reader.header_room()) {
+                (false, _) => n.reader.fill(n.fd.as_fd()),
+                (true, 0) => Ok(true),
+                (true, room) => n.reader.fill_upto(n.fd.as_fd(), room),
             }
+            .unwrap_or(false)
         };
         loop {
-            let part = match self.nodes[i].reader.next_part::<FromDaemon>() {
+            let reader = &mut self.nodes[i].reader;
+            let part = if raw {
+                reader.next_part::<FromDaemon>()
+            } else {
+                reader.next_frame::<FromDaemon>().map(|f| f.map(Part::from))
+            };
+            let part = match part {
                 Ok(Some(p)) => p,
                 Ok(None) => break,
                 Err(e) => {

@@ -281,6 +281,24 @@ pub enum Part<M> {
     },
 }
 
+impl<M> From<Frame<M>> for Part<M> {
+    fn from(f: Frame<M>) -> Self {
+        match f {
+            Frame::Message(m) => Part::Message(m),
+            Frame::Data {
+                rank,
+                channel,
+                bytes,
+            } => Part::Data {
+                rank,
+                channel,
+                bytes,
+                rest: 0,
+            },
+        }
+    }
+}
+
 /// Reassembles frames from a non-blocking stream fd. The buffer is always initialised up to its
 /// length; `start..end` holds unread bytes.
 pub struct FrameReader {
@@ -397,20 +415,7 @@ impl FrameReader {
                 rest: payload - here,
             }));
         }
-        Ok(match self.next_frame()? {
-            None => None,
-            Some(Frame::Message(m)) => Some(Part::Message(m)),
-            Some(Frame::Data {
-                rank,
-                channel,
-                bytes,
-            }) => Some(Part::Data {
-                rank,
-                channel,
-                bytes,
-                rest: 0,
-            }),
-        })
+        Ok(self.next_frame()?.map(Part::from))
     }
 
     /// The next complete frame, if one is buffered.
