@@ -31,7 +31,7 @@ const MAX_STAGED: usize = 512 << 10;
 /// A stream whose last frame was at least this big is streaming: worth coalescing.
 const STREAMING: usize = 64 << 10;
 /// How long a streaming rank's pipe is left to fill before the next frame is taken.
-pub const HOLD: Duration = Duration::from_micros(100);
+const HOLD: Duration = Duration::from_micros(100);
 
 /// The staging pipe of the launcher link; its bytes go out before the [`Outbox`]'s.
 pub(crate) struct Stage {

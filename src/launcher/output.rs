@@ -131,11 +131,7 @@ impl OutputSink {
             match splice(&t.r, None, out, None, n, SpliceFFlags::SPLICE_F_MOVE) {
                 Ok(k) => n -= k,
                 Err(Errno::EINTR) => {}
-                Err(Errno::EAGAIN) => {
-                    // A non-blocking console: wait until it takes more.
-                    let mut p = [nix::poll::PollFd::new(out, nix::poll::PollFlags::POLLOUT)];
-                    let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
-                }
+                Err(Errno::EAGAIN) => wait_writable(out),
                 Err(Errno::EPIPE) => self.console_closed = true,
                 Err(_) => self.no_splice[which] = true,
             }
@@ -255,16 +251,18 @@ impl OutputSink {
     }
 }
 
+/// A non-blocking console: waits until it takes more.
+fn wait_writable(fd: BorrowedFd<'_>) {
+    let mut p = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
+    let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
+}
+
 fn write_fd(fd: std::os::fd::BorrowedFd<'_>, mut bytes: &[u8]) -> std::io::Result<()> {
     while !bytes.is_empty() {
         match nix::unistd::write(fd, bytes) {
             Ok(n) => bytes = &bytes[n..],
             Err(nix::errno::Errno::EINTR) => continue,
-            Err(nix::errno::Errno::EAGAIN) => {
-                // A non-blocking console: wait until it takes more.
-                let mut p = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLOUT)];
-                let _ = nix::poll::poll(&mut p, nix::poll::PollTimeout::NONE);
-            }
+            Err(nix::errno::Errno::EAGAIN) => wait_writable(fd),
             Err(e) => return Err(e.into()),
         }
     }
