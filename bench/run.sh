@@ -9,8 +9,8 @@
 #       same holder tree with the same options (median of 5)
 #   (e) restart: `lamcr restart` of that checkpoint until every rank runs  vs  `criu restore -d` of
 #       the raw image (median of 3)
-# Usage: bench/run.sh [--write-readme]   (BENCH_ONLY=ckpt: only (d) and (e); BENCH_NOSETUP=1: skip
-# set-up and build; BENCH_VERBOSE=1: print every sample)
+# Usage: bench/run.sh [--write-readme]   (BENCH_ONLY=launch|forward|ckpt: only (a), (b)-(c) or
+# (d)-(e); BENCH_NOSETUP=1: skip set-up and build; BENCH_VERBOSE=1: print every sample)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -n "${BENCH_NOSETUP:-}" ] || ./scripts/setup.sh
@@ -43,8 +43,9 @@ wait_touched() {
 out=()
 say() { printf '%s\n' "$*"; out+=("$*"); }
 
-# BENCH_ONLY=ckpt skips (a)-(c).
-if [ "${BENCH_ONLY:-}" != ckpt ]; then
+only() { [ -z "${BENCH_ONLY:-}" ] || [ "$BENCH_ONLY" = "$1" ]; }
+
+if only launch; then
 # (a) launch
 for _ in 1 2; do "$L" run -n 32 /bin/true; mpiexec -n 32 /bin/true; done >/dev/null 2>&1
 # Alternating runs, so that a drift in the machine's speed hits both the same.
@@ -54,8 +55,11 @@ for _ in $(seq 11); do
     ms+=("$(time_ns mpiexec -n 32 /bin/true)")
 done
 l=$(printf '%s\n' "${ls[@]}" | median); m=$(printf '%s\n' "${ms[@]}" | median)
+[ -n "${BENCH_VERBOSE:-}" ] && echo "lamcr ${ls[*]} mpiexec ${ms[*]}" >&2
 say "launch -n 32 /bin/true: lamcr $(ms "$l") ms, mpiexec $(ms "$m") ms, ratio $(ratio "$l" "$m")x (target <= 1.00)"
+fi
 
+if only forward; then
 # (b) 1 GiB through one rank
 # Median of 5 alternating pairs: one sample of either is at the mercy of the VM's neighbours.
 pair_median() {  # $1 = direct command, $2 = lamcr command; sets direct and through
@@ -74,12 +78,13 @@ say "forward 4 x 256 MiB: direct $(awk -v n="$direct" 'BEGIN{printf "%.0f", 1024
 
 fi
 
+if only ckpt; then
 # (d) checkpoint 4 x 256 MiB
 "$L" run --engine criu -n 4 "$COUNTER" 100000 50 256 0 >/dev/null 2>&1 &
 job=$!
 for _ in $(seq 200); do
     lamd=$(pgrep -P "$job" -f 'lamcr lamd' | head -1 || true)
-    holder=$( [ -n "$lamd" ] && pgrep -P "$lamd" -f 'lamcr holder' | head -1 || true)
+    holder=$( [ -n "$lamd" ] && pgrep -P "$lamd" -x lamcr-holder | head -1 || true)
     [ -n "$holder" ] && [ "$(pgrep -P "$holder" | wc -l)" -eq 4 ] && break
     sleep 0.05
 done
@@ -166,6 +171,7 @@ for i in 1 2 3; do
 done
 c=$(printf '%s\n' "${rs[@]}" | median); r=$(printf '%s\n' "${rr[@]}" | median)
 say "restart 4 x 256 MiB: lamcr $(ms "$c") ms, raw criu restore $(ms "$r") ms, ratio $(ratio "$c" "$r")x (target <= 1.10)"
+fi
 
 if [ "${1:-}" = "--write-readme" ]; then
     {

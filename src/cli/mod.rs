@@ -47,9 +47,6 @@ enum Cmd {
         #[arg(long)]
         work_dir: PathBuf,
     },
-    /// Holder of a node's ranks (started by lamd).
-    #[command(hide = true)]
-    Holder,
     /// Checkpoint helper (started by the launcher's async handler).
     #[command(hide = true)]
     Helper {
@@ -142,7 +139,6 @@ pub fn main() -> i32 {
             listen,
             work_dir,
         }),
-        Cmd::Holder => crate::lamd::holder::main(),
         Cmd::Helper {
             job,
             epoch,

@@ -1,35 +1,37 @@
 //! The holder: one small process per job per node that forks the node's ranks and reaps them.
 //!
-//! lamd starts it (`lamcr holder`) as the init of a fresh PID namespace when it can (root), as a
-//! session leader inside that namespace, with its stdio on /dev/null. It is the root of the tree
+//! lamd forks it without exec (`sys::fork_in_place`; it shows as `lamcr holder`) as the init of a
+//! fresh PID namespace when it can (root), as a session leader inside that namespace, with its
+//! stdio on /dev/null. It starts with the ranks to spawn in memory. It is the root of the tree
 //! CRIU dumps: ranks that may share memory are dumped together, restored pids can never collide
 //! with pids in use, and a SIGKILL to the holder takes every rank with it.
 //!
 //! Fds: 3 = control pipe from lamd (commands), 4 = status pipe to lamd (events). Both are
 //! replaced by fresh pipes when CRIU restores the holder under a new lamd. The ranks' stdio pipe
-//! ends arrive at the fds named in the spawn command and are closed here once the ranks run.
+//! ends are at the fds named in their `HolderRank`s; each rank's are closed here once it runs.
 //!
 //! The holder never outlives lamd: EOF on the control pipe kills the ranks and ends the holder
 //! (and with a PID namespace the kernel also kills everything when the holder dies).
 
 use std::collections::BTreeMap;
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd, RawFd};
 
 use bincode::{Decode, Encode};
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{SigSet, Signal, kill};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
 use crate::schema::wire::{Frame, FrameReader, Outbox};
 use crate::schema::{ExitStatus, Rank};
-use crate::sys::{SpawnSpec, install_signal_pipe, spawn_all};
+use crate::sys::{SpawnSpec, Spawner};
 
 pub const CONTROL_FD: RawFd = 3;
 pub const STATUS_FD: RawFd = 4;
 
 /// One rank to start, with the holder-side fd numbers of its stdio pipe ends.
-#[derive(Debug, Clone, Encode, Decode)]
+#[derive(Debug, Clone)]
 pub struct HolderRank {
     pub rank: Rank,
     pub program: String,
@@ -47,7 +49,6 @@ pub struct HolderRank {
 /// lamd -> holder.
 #[derive(Debug, Clone, Encode, Decode)]
 pub enum HolderCommand {
-    Spawn { ranks: Vec<HolderRank> },
     Signal { signal: i32 },
     Kill,
 }
@@ -60,16 +61,20 @@ pub enum HolderEvent {
     Exited { rank: Rank, status: ExitStatus },
 }
 
-/// Runs the holder. Never returns.
-pub fn main() -> ! {
-    let code = match run() {
+/// Runs the holder in the child lamd has just forked (see `sys::fork_in_place`), starting
+/// `ranks` at once. Never returns.
+pub fn main(ranks: Vec<HolderRank>) -> ! {
+    let code = match run(ranks) {
         Ok(()) => 0,
         Err(_) => 1,
     };
     std::process::exit(code)
 }
 
-fn run() -> std::io::Result<()> {
+fn run(ranks: Vec<HolderRank>) -> std::io::Result<()> {
+    // No exec happened: without these, `ps` would show it as lamd.
+    let _ = nix::sys::prctl::set_name(c"lamcr-holder");
+    let _ = crate::sys::set_cmdline(&["lamcr", "holder"]);
     // SAFETY-free: these fds were mapped by lamd; taking ownership is the holder's contract.
     let control = own_fd(CONTROL_FD);
     let status = own_fd(STATUS_FD);
@@ -85,19 +90,23 @@ fn run() -> std::io::Result<()> {
         // Not a namespace init: still be the reaper of the ranks' orphans.
         let _ = nix::sys::prctl::set_child_subreaper(true);
     }
-    let (sig_r, sig_w) =
-        nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK)?;
-    install_signal_pipe(&[libc::SIGCHLD], std::os::fd::AsRawFd::as_raw_fd(&sig_w))?;
+    // SIGCHLD arrives on a signalfd: the holder is a fork of lamd, whose handlers it must not
+    // run (the fork reset them); the ranks unblock it before they exec.
+    let mut chld = SigSet::empty();
+    chld.add(Signal::SIGCHLD);
+    chld.thread_block()?;
+    let sig = SignalFd::with_flags(&chld, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC)?;
     crate::sys::ignore_sigpipe();
 
     let mut reader = FrameReader::new();
     let mut out = Outbox::default();
     let mut live: BTreeMap<i32, Rank> = BTreeMap::new();
-    let mut spawned = false;
+    spawn_ranks(&ranks, &mut live, &mut out);
+    drop(ranks);
     let mut control_open = true;
     loop {
         reap(&mut live, &mut out);
-        if spawned && live.is_empty() && out.pending() == 0 {
+        if live.is_empty() && out.pending() == 0 {
             return Ok(());
         }
         if !control_open {
@@ -108,7 +117,7 @@ fn run() -> std::io::Result<()> {
                 return Ok(());
             }
         }
-        let mut fds = vec![PollFd::new(sig_r.as_fd(), PollFlags::POLLIN)];
+        let mut fds = vec![PollFd::new(sig.as_fd(), PollFlags::POLLIN)];
         if control_open {
             fds.push(PollFd::new(control.as_fd(), PollFlags::POLLIN));
         }
@@ -120,7 +129,7 @@ fn run() -> std::io::Result<()> {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
-        drain(sig_r.as_fd());
+        while let Ok(Some(_)) = sig.read_signal() {}
         if control_open {
             match reader.fill(control.as_fd()) {
                 Ok(true) => {}
@@ -128,10 +137,6 @@ fn run() -> std::io::Result<()> {
             }
             while let Ok(Some(Frame::Message(cmd))) = reader.next_frame::<HolderCommand>() {
                 match cmd {
-                    HolderCommand::Spawn { ranks } => {
-                        spawn_ranks(&ranks, &mut live, &mut out);
-                        spawned = true;
-                    }
                     HolderCommand::Signal { signal } => {
                         for pid in live.keys() {
                             let _ = nix::sys::signal::kill(
@@ -159,37 +164,28 @@ fn own_fd(fd: RawFd) -> OwnedFd {
     crate::sys::take_inherited_fd(fd)
 }
 
-fn drain(fd: BorrowedFd<'_>) {
-    let mut buf = [0u8; 64];
-    while matches!(nix::unistd::read(fd, &mut buf), Ok(n) if n > 0) {}
-}
-
 fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut Outbox) {
     let devnull = std::fs::File::open("/dev/null").ok();
-    let specs: Vec<SpawnSpec> = ranks
-        .iter()
-        .map(|r| {
-            let stdin = r
-                .stdin_fd
-                .or_else(|| devnull.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
-            let mut fds = vec![(r.stdout_fd, 1), (r.stderr_fd, 2)];
-            if let Some(fd) = stdin {
-                fds.push((fd, 0));
-            }
-            fds.extend(r.extra_fds.iter().copied());
-            SpawnSpec {
-                program: r.program.clone().into(),
-                argv: r.argv.iter().map(Into::into).collect(),
-                env: r.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
-                fds,
-                cwd: Some(r.cwd.clone().into()),
-                close_stdio: true,
-                ..Default::default()
-            }
-        })
-        .collect();
-    for (r, result) in ranks.iter().zip(spawn_all(&specs)) {
-        match result {
+    let spawner = Spawner::new();
+    for r in ranks {
+        let stdin = r
+            .stdin_fd
+            .or_else(|| devnull.as_ref().map(std::os::fd::AsRawFd::as_raw_fd));
+        let mut fds = vec![(r.stdout_fd, 1), (r.stderr_fd, 2)];
+        if let Some(fd) = stdin {
+            fds.push((fd, 0));
+        }
+        fds.extend(r.extra_fds.iter().copied());
+        let spec = SpawnSpec {
+            program: r.program.clone().into(),
+            argv: r.argv.iter().map(Into::into).collect(),
+            env: r.env.iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            fds,
+            cwd: Some(r.cwd.clone().into()),
+            close_stdio: true,
+            ..Default::default()
+        };
+        match spawner.spawn(&spec) {
             Ok(pid) => {
                 live.insert(pid.as_raw(), r.rank);
                 out.push(&HolderEvent::Spawned {
@@ -208,9 +204,8 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
                 });
             }
         }
-    }
-    // The ranks hold their ends now; lamd holds the others. Ours must go, or EOF never comes.
-    for r in ranks {
+        // The rank holds its ends now; lamd holds the others. Ours must go, or EOF never
+        // comes; and at once, or every later child inherits them only to close them.
         for fd in [r.stdin_fd, Some(r.stdout_fd), Some(r.stderr_fd)]
             .into_iter()
             .flatten()

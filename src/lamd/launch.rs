@@ -1,13 +1,13 @@
-//! lamd's `Launch` verb: make the ranks' pipes, start the holder, hand it the ranks.
+//! lamd's `Launch` verb: make the ranks' pipes, fork the holder with the ranks to start.
 
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::{FcntlArg, fcntl};
 
-use super::holder::{CONTROL_FD, HolderCommand, HolderRank, STATUS_FD};
+use super::holder::{CONTROL_FD, HolderRank, STATUS_FD};
 use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
 use crate::schema::RankSpec;
-use crate::sys::{SpawnSpec, inode_of, spawn};
+use crate::sys::{Forked, SpawnSpec, fork_in_place, inode_of};
 
 /// Rank pipes are enlarged to this size, so a fast writer makes fewer round trips through lamd.
 const PIPE_SIZE: i32 = 1 << 20;
@@ -126,15 +126,11 @@ impl Daemon {
         for std_fd in 0..3 {
             fd_map.push((devnull.as_raw_fd(), std_fd));
         }
-        let (pid, pid_namespace) = start_holder(&fd_map)?;
+        let expect_spawns = holder_ranks.len();
+        let (pid, pid_namespace) = start_holder(&fd_map, holder_ranks)?;
         drop((ctl_r, st_w, child_ends, devnull));
-        let mut holder = Holder::new(pid, ctl_w, st_r, pid_namespace)?;
-        self.expect_spawns = holder_ranks.len();
-        holder.control_out.push(&HolderCommand::Spawn {
-            ranks: holder_ranks,
-        });
-        let _ = holder.control_out.flush(holder.control.as_fd());
-        self.holder = Some(holder);
+        self.expect_spawns = expect_spawns;
+        self.holder = Some(Holder::new(pid, ctl_w, st_r, pid_namespace)?);
         Ok(())
     }
 }
@@ -152,31 +148,34 @@ pub(crate) fn cr_socketpair() -> Result<(OwnedFd, OwnedFd), DaemonError> {
     Ok((ours, theirs))
 }
 
-/// Starts `lamcr holder` as the init of a new PID namespace, or, where that is not permitted
-/// (unprivileged users), as a plain child that is a subreaper.
-fn start_holder(fds: &[(RawFd, RawFd)]) -> Result<(nix::unistd::Pid, bool), DaemonError> {
+/// Forks the holder as the init of a new PID namespace, or, where that is not permitted
+/// (unprivileged users), as a plain child that is a subreaper. The child runs `holder::main` with
+/// `ranks` and never returns here.
+fn start_holder(
+    fds: &[(RawFd, RawFd)],
+    ranks: Vec<HolderRank>,
+) -> Result<(nix::unistd::Pid, bool), DaemonError> {
     let mut spec = SpawnSpec {
-        program: "/proc/self/exe".into(),
-        argv: vec!["lamcr".into(), "holder".into()],
-        env: std::env::vars_os()
-            .filter(|(k, _)| k == "PATH" || k == "LAMCR_RUN_DIR")
-            .collect(),
         fds: fds.to_vec(),
         cwd: Some("/".into()),
         new_pid_namespace: std::env::var_os("LAMCR_NO_PIDNS").is_none(),
         setsid: true,
         parent_death_signal: Some(libc::SIGKILL),
         close_stdio: true,
+        ..Default::default()
     };
-    match spawn(&spec) {
-        Ok(pid) => Ok((pid, spec.new_pid_namespace)),
+    let forked = match fork_in_place(&spec) {
         Err(e)
             if spec.new_pid_namespace
                 && matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) =>
         {
             spec.new_pid_namespace = false;
-            Ok((spawn(&spec)?, false))
+            fork_in_place(&spec)?
         }
-        Err(e) => Err(e.into()),
+        other => other?,
+    };
+    match forked {
+        Forked::Parent(pid) => Ok((pid, spec.new_pid_namespace)),
+        Forked::Child => super::holder::main(ranks),
     }
 }

@@ -117,6 +117,65 @@ struct Node {
     payload: Option<(Rank, Stream, usize)>,
 }
 
+/// The daemons spawned for a job, each with the launcher's end of its socket, in node order.
+/// Those still here when this is dropped (the launcher failed to start) are killed and reaped.
+struct Daemons(Vec<(Pid, OwnedFd)>);
+
+impl Daemons {
+    /// Starts one lamd per node of `spec` (locally: fork/exec of ourselves).
+    fn spawn(spec: &JobSpec, run_dir: &RunDir) -> Result<Self, LaunchError> {
+        let mut daemons = Daemons(Vec::new());
+        for node in &spec.nodes {
+            let (ours, theirs) = socketpair(
+                AddressFamily::Unix,
+                SockType::Stream,
+                None,
+                SockFlag::SOCK_CLOEXEC,
+            )?;
+            let work = run_dir
+                .node_work_dir(node.id.0)
+                .map_err(LaunchError::RunDir)?;
+            let lamd = crate::sys::SpawnSpec {
+                program: "/proc/self/exe".into(),
+                argv: vec![
+                    "lamcr".into(),
+                    "lamd".into(),
+                    "--node".into(),
+                    node.id.0.to_string().into(),
+                    "--job".into(),
+                    spec.job_id.0.clone().into(),
+                    "--fd".into(),
+                    "3".into(),
+                    "--listen".into(),
+                    run_dir.node_socket(node.id.0).into(),
+                    "--work-dir".into(),
+                    work.into(),
+                ],
+                env: std::env::vars_os().collect(),
+                fds: vec![(theirs.as_raw_fd(), 3)],
+                // Its own session: a terminal's ^C reaches the launcher only, which decides.
+                setsid: true,
+                ..Default::default()
+            };
+            let pid = crate::sys::spawn(&lamd).map_err(|source| LaunchError::Daemon {
+                node: node.id,
+                source,
+            })?;
+            daemons.0.push((pid, ours));
+        }
+        Ok(daemons)
+    }
+}
+
+impl Drop for Daemons {
+    fn drop(&mut self) {
+        for (pid, _) in &self.0 {
+            let _ = nix::sys::signal::kill(*pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(*pid, None);
+        }
+    }
+}
+
 struct ControlConn {
     fd: OwnedFd,
     reader: FrameReader,
@@ -210,6 +269,8 @@ impl Launcher {
         std::mem::forget(sig_w);
         crate::sys::ignore_sigpipe();
         let run_dir = RunDir::create(&spec.job_id).map_err(LaunchError::RunDir)?;
+        // The daemons first: their start-up overlaps the rest of ours.
+        let daemons = Daemons::spawn(&spec, &run_dir)?;
         let control = UnixListener::bind(run_dir.control_socket()).map_err(LaunchError::RunDir)?;
         control.set_nonblocking(true)?;
         let (wake_r, wake_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
@@ -328,49 +389,19 @@ impl Launcher {
                 }
             }
         }
-        l.start_daemons()?;
+        l.start_daemons(daemons)?;
         Ok(l)
     }
 
-    fn start_daemons(&mut self) -> Result<(), LaunchError> {
-        for node in self.spec.nodes.clone() {
-            let (ours, theirs) = socketpair(
-                AddressFamily::Unix,
-                SockType::Stream,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )?;
-            let work = self
-                .run_dir
-                .node_work_dir(node.id.0)
-                .map_err(LaunchError::RunDir)?;
-            let spec = crate::sys::SpawnSpec {
-                program: "/proc/self/exe".into(),
-                argv: vec![
-                    "lamcr".into(),
-                    "lamd".into(),
-                    "--node".into(),
-                    node.id.0.to_string().into(),
-                    "--job".into(),
-                    self.spec.job_id.0.clone().into(),
-                    "--fd".into(),
-                    "3".into(),
-                    "--listen".into(),
-                    self.run_dir.node_socket(node.id.0).into(),
-                    "--work-dir".into(),
-                    work.into(),
-                ],
-                env: std::env::vars_os().collect(),
-                fds: vec![(theirs.as_raw_fd(), 3)],
-                // Its own session: a terminal's ^C reaches the launcher only, which decides.
-                setsid: true,
-                ..Default::default()
-            };
-            let pid = crate::sys::spawn(&spec).map_err(|source| LaunchError::Daemon {
-                node: node.id,
-                source,
-            })?;
-            drop(theirs);
+    /// Greets the daemons started in `new` and tells each what to run.
+    fn start_daemons(&mut self, mut daemons: Daemons) -> Result<(), LaunchError> {
+        for (node, (pid, ours)) in self
+            .spec
+            .nodes
+            .clone()
+            .into_iter()
+            .zip(std::mem::take(&mut daemons.0))
+        {
             crate::lamd::nonblocking(ours.as_fd())?;
             // Bigger socket buffers: fewer wake-ups per forwarded MiB on both sides.
             let _ = nix::sys::socket::setsockopt(

@@ -131,16 +131,28 @@ pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
     spawn_prepared(spec, prepared)
 }
 
-/// Spawns every spec in turn (see [`spawn`]); the signal dispositions are read once for all.
-pub fn spawn_all(specs: &[SpawnSpec]) -> Vec<io::Result<Pid>> {
-    let reset = altered_signals();
-    specs
-        .iter()
-        .map(|spec| {
-            let prepared = Prepared::new_with(spec, reset.clone())?;
-            spawn_prepared(spec, prepared)
-        })
-        .collect()
+/// Spawns many children (see [`spawn`]), reading the signal dispositions only once for all.
+pub struct Spawner {
+    reset: Vec<libc::c_int>,
+}
+
+impl Spawner {
+    pub fn new() -> Self {
+        Spawner {
+            reset: altered_signals(),
+        }
+    }
+
+    pub fn spawn(&self, spec: &SpawnSpec) -> io::Result<Pid> {
+        let prepared = Prepared::new_with(spec, self.reset.clone())?;
+        spawn_prepared(spec, prepared)
+    }
+}
+
+impl Default for Spawner {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 /// The signals whose disposition is not the default (handled or ignored). An exec resets
@@ -264,14 +276,7 @@ extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
 }
 
 fn fork_new_pid_namespace(spec: &SpawnSpec, prepared: &mut Prepared) -> io::Result<Pid> {
-    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let highest = prepared
-        .keep
-        .iter()
-        .copied()
-        .max()
-        .unwrap_or(2)
-        .max(err_w.as_raw_fd());
+    let (err_r, err_w, highest) = report_pipe(prepared)?;
     // SAFETY: a raw clone with only CLONE_NEWPID|SIGCHLD behaves like fork(): the child gets a
     // copy of the address space and runs only `child_after_fork`, which is async-signal-safe
     // and never returns.
@@ -308,6 +313,87 @@ fn fork_new_pid_namespace(spec: &SpawnSpec, prepared: &mut Prepared) -> io::Resu
     Ok(pid)
 }
 
+/// Which side of [`fork_in_place`] we are on.
+pub enum Forked {
+    Parent(Pid),
+    /// The child, set up as the spec said. It must never return into its caller's caller: it
+    /// runs what it was forked for and exits.
+    Child,
+}
+
+/// Forks a child that goes on running this program instead of exec'ing one (lamd's holder).
+/// `spec.program`, `argv` and `env` are unused; everything else applies as for [`spawn`], and the
+/// child's fds are exactly those of `spec.fds`. Returns once the child is set up.
+///
+/// Only a single-threaded process may call this (checked): the child runs ordinary Rust code,
+/// allocator included, which is sound only if no other thread could have held a lock at the
+/// fork.
+pub fn fork_in_place(spec: &SpawnSpec) -> io::Result<Forked> {
+    let threads = std::fs::read_dir("/proc/self/task")?.count();
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork with {threads} threads running"
+        )));
+    }
+    let mut prepared = Prepared::new(spec)?;
+    let (err_r, err_w, highest) = report_pipe(&prepared)?;
+    let flags = if spec.new_pid_namespace {
+        libc::CLONE_NEWPID | libc::SIGCHLD
+    } else {
+        libc::SIGCHLD
+    };
+    // SAFETY: a raw clone without CLONE_VM behaves like fork(): the child gets a copy of the
+    // address space. We are single-threaded (checked above), so no lock of the allocator or of
+    // std can be held by a thread that the child lacks, and the child may run Rust code.
+    let pid = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            flags as libc::c_ulong,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        )
+    };
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if pid == 0 {
+        let report = Report {
+            pipe: err_w.as_raw_fd(),
+            errno: std::ptr::null(),
+        };
+        // SAFETY: we are the freshly forked child; everything used was prepared before the fork.
+        unsafe { child_setup(spec, &mut prepared, &report, highest) };
+        // Set up: the parent's read sees EOF.
+        drop(err_w);
+        std::mem::forget(err_r);
+        return Ok(Forked::Child);
+    }
+    drop(err_w);
+    let pid = Pid::from_raw(pid as i32);
+    let mut buf = [0u8; 4];
+    let n = read_full(err_r.as_fd_ref(), &mut buf)?;
+    if n == 4 {
+        let errno = i32::from_ne_bytes(buf);
+        let _ = nix::sys::wait::waitpid(pid, None);
+        return Err(io::Error::from_raw_os_error(errno));
+    }
+    Ok(Forked::Parent(pid))
+}
+
+/// The pipe a forked child reports a failed set-up on, its write end numbered above every fd
+/// the child is to keep (so no mapping can clobber it); and that number, the highest in use.
+fn report_pipe(prepared: &Prepared) -> io::Result<(OwnedFd, OwnedFd, RawFd)> {
+    let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    let above = prepared.keep.iter().copied().max().unwrap_or(2) + 1;
+    let err_w = nix::fcntl::fcntl(&err_w, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(above))?;
+    // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
+    let err_w = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(err_w) };
+    let highest = err_w.as_raw_fd();
+    Ok((err_r, err_w, highest))
+}
+
 trait AsFdRef {
     fn as_fd_ref(&self) -> BorrowedFd<'_>;
 }
@@ -330,7 +416,7 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// The child side of [`spawn`].
+/// The child side of [`spawn`]: [`child_setup`], then exec.
 ///
 /// # Safety
 /// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
@@ -340,6 +426,25 @@ unsafe fn child_after_fork(
     report: &Report,
     highest: RawFd,
 ) -> ! {
+    // SAFETY: as for `child_setup`; execve and `fail` are async-signal-safe.
+    unsafe {
+        child_setup(spec, p, report, highest);
+        libc::execve(
+            p.program.as_ptr(),
+            p.argv_ptrs.as_ptr(),
+            p.env_ptrs.as_ptr(),
+        );
+        fail(report)
+    }
+}
+
+/// Makes a freshly forked child what `spec` says: default signal dispositions, nothing blocked,
+/// session, parent-death signal, exactly the mapped fds (and the report pipe), working
+/// directory. On failure the child reports its errno and exits.
+///
+/// # Safety
+/// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
+unsafe fn child_setup(spec: &SpawnSpec, p: &mut Prepared, report: &Report, highest: RawFd) {
     // SAFETY: the whole body makes only async-signal-safe libc calls on memory prepared before
     // the fork.
     unsafe {
@@ -350,7 +455,6 @@ unsafe fn child_after_fork(
         if let Some(sig) = spec.parent_death_signal {
             libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
         }
-        // Move every source above all targets first, so that no dup2 clobbers a later source.
         // Move every source above all targets first, so that no dup2 clobbers a later source.
         // `moved` was allocated before the fork; writing into it here is plain memory.
         for (i, &(src, _)) in p.fds.iter().enumerate() {
@@ -381,12 +485,6 @@ unsafe fn child_after_fork(
                 fail(report);
             }
         }
-        libc::execve(
-            p.program.as_ptr(),
-            p.argv_ptrs.as_ptr(),
-            p.env_ptrs.as_ptr(),
-        );
-        fail(report)
     }
 }
 
@@ -523,6 +621,26 @@ pub fn install_signal_pipe(signals: &[i32], fd: RawFd) -> io::Result<()> {
                 *libc::__errno_location() = saved;
             })
         }?;
+    }
+    Ok(())
+}
+
+/// Rewrites this process's command line (what `ps` and `/proc/PID/cmdline` show) in place, as
+/// `setproctitle` does: `words`, NUL-separated, cut to the original length and padded with NULs.
+/// Used by the holder, a fork of lamd that would otherwise show lamd's arguments. Afterwards
+/// `std::env::args` sees the new words (and empty ones).
+pub fn set_cmdline(words: &[&str]) -> io::Result<()> {
+    let len = std::fs::read("/proc/self/cmdline")?.len();
+    let mut text: Vec<u8> = words.iter().flat_map(|w| w.bytes().chain([0])).collect();
+    text.resize(len, 0);
+    unsafe extern "C" {
+        static program_invocation_name: *mut libc::c_char;
+    }
+    // SAFETY: glibc points `program_invocation_name` at argv[0], the start of the kernel's
+    // argument area, whose `len` bytes (all of argv, contiguous) are ours to write; we write
+    // exactly that many. Single writer: called once, at start-up.
+    unsafe {
+        std::ptr::copy_nonoverlapping(text.as_ptr(), program_invocation_name.cast::<u8>(), len);
     }
     Ok(())
 }
