@@ -608,3 +608,55 @@ fn hostfile_places_ranks_by_slot() {
     );
     env.assert_no_leftovers();
 }
+
+/// The holder is a fork of lamd that never execs. It must show as itself, be the init of its PID
+/// namespace, and hold nothing of lamd's: a leaked rank pipe end would keep EOF from ever coming.
+#[test]
+fn the_holder_is_lamds_fork_and_holds_only_its_own_fds() {
+    let env = Env::new();
+    let job = two_idle_ranks(&env, &[], "true");
+    let holder = env
+        .process("lamcr holder")
+        .expect("a process shown as `lamcr holder`");
+    let proc = format!("/proc/{holder}");
+    let comm = std::fs::read_to_string(format!("{proc}/comm")).unwrap();
+    assert_eq!(comm.trim(), "lamcr-holder");
+    let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
+    let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+    assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
+    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("{proc}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let fd = e.file_name().to_string_lossy().parse().unwrap();
+            let target = std::fs::read_link(e.path()).unwrap();
+            (fd, target.display().to_string())
+        })
+        .collect();
+    fds.sort();
+    let kinds: Vec<String> = fds
+        .iter()
+        .map(|(fd, t)| match t.as_str() {
+            "/dev/null" => format!("{fd}:null"),
+            t if t.starts_with("pipe:") => format!("{fd}:pipe"),
+            t if t.contains("signalfd") => format!("{fd}:signalfd"),
+            t => format!("{fd}:{t}"),
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "0:null",
+            "1:null",
+            "2:null",
+            "3:pipe",
+            "4:pipe",
+            "5:signalfd"
+        ],
+        "{fds:?}"
+    );
+    job.signal(Signal::SIGTERM);
+    let (status, _, err) = job.finish();
+    assert_eq!(status.code(), Some(143), "{err}");
+    env.assert_no_leftovers();
+}
