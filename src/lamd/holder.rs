@@ -64,9 +64,11 @@ pub enum HolderEvent {
 /// Runs the holder in the child lamd has just forked (see `sys::fork_in_place`), starting
 /// `ranks` at once. Never returns.
 pub fn main(ranks: Vec<HolderRank>) -> ! {
-    let code = match run(ranks) {
-        Ok(()) => 0,
-        Err(_) => 1,
+    // A panic must end the holder here: unwinding would return into lamd's code in the child.
+    let code = match std::panic::catch_unwind(|| run(ranks)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(_)) => 1,
+        Err(_) => 101,
     };
     std::process::exit(code)
 }
