@@ -35,7 +35,8 @@ pub struct SpawnSpec {
     pub fds: Vec<(RawFd, RawFd)>,
     /// Working directory of the child.
     pub cwd: Option<std::path::PathBuf>,
-    /// Start the child as the init of a new PID namespace (`clone(CLONE_NEWPID)`).
+    /// Start the child as the init of a new PID namespace (`clone(CLONE_NEWPID)`); only
+    /// [`fork_in_place`] does, [`spawn`] refuses.
     pub new_pid_namespace: bool,
     /// Call `setsid()` in the child.
     pub setsid: bool,
@@ -125,7 +126,7 @@ impl Prepared {
 ///
 /// The child shares our memory until it execs (`CLONE_VM | CLONE_VFORK` on a stack of its own,
 /// as `posix_spawn` does), so no page table is copied for it; we wait only for it to reach
-/// `execve`, not for the new program to load. A child in a new pid namespace is forked instead.
+/// `execve`, not for the new program to load.
 pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
     let prepared = Prepared::new(spec)?;
     spawn_prepared(spec, prepared)
@@ -175,7 +176,11 @@ fn altered_signals() -> Vec<libc::c_int> {
 fn spawn_prepared(spec: &SpawnSpec, mut prepared: Prepared) -> io::Result<Pid> {
     let _ = (&prepared.argv, &prepared.env);
     if spec.new_pid_namespace {
-        return fork_new_pid_namespace(spec, &mut prepared);
+        // Only the holder starts a namespace, and it is forked in place, never exec'd.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "spawn does not make PID namespaces (see fork_in_place)",
+        ));
     }
     let highest = prepared.keep.iter().copied().max().unwrap_or(2);
     let failed = AtomicI32::new(0);
@@ -273,44 +278,6 @@ extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
         let c = &mut *arg.cast::<VforkChild<'_>>();
         child_after_fork(c.spec, c.prepared, &c.report, c.highest)
     }
-}
-
-fn fork_new_pid_namespace(spec: &SpawnSpec, prepared: &mut Prepared) -> io::Result<Pid> {
-    let (err_r, err_w, highest) = report_pipe(prepared)?;
-    // SAFETY: a raw clone with only CLONE_NEWPID|SIGCHLD behaves like fork(): the child gets a
-    // copy of the address space and runs only `child_after_fork`, which is async-signal-safe
-    // and never returns.
-    let pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            (libc::CLONE_NEWPID | libc::SIGCHLD) as libc::c_ulong,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        )
-    };
-    if pid < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if pid == 0 {
-        let report = Report {
-            pipe: err_w.as_raw_fd(),
-            errno: std::ptr::null(),
-        };
-        // SAFETY: we are the freshly forked child; everything used was prepared before the fork.
-        unsafe { child_after_fork(spec, prepared, &report, highest) }
-    }
-    drop(err_w);
-    let pid = Pid::from_raw(pid as i32);
-    let mut buf = [0u8; 4];
-    let n = read_full(err_r.as_fd_ref(), &mut buf)?;
-    if n == 4 {
-        let errno = i32::from_ne_bytes(buf);
-        let _ = nix::sys::wait::waitpid(pid, None);
-        return Err(io::Error::from_raw_os_error(errno));
-    }
-    Ok(pid)
 }
 
 /// Which side of [`fork_in_place`] we are on.
