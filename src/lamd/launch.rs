@@ -5,7 +5,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use nix::fcntl::{FcntlArg, fcntl};
 
 use super::holder::{CONTROL_FD, HolderRank, STATUS_FD};
-use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
+use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking, socketpair_for_child};
 use crate::schema::RankSpec;
 use crate::sys::{Forked, SpawnSpec, fork_in_place, inode_of};
 
@@ -85,7 +85,7 @@ impl Daemon {
             } else {
                 None
             };
-            let (cr_ours, cr_theirs) = cr_socketpair()?;
+            let (cr_ours, cr_theirs) = socketpair_for_child()?;
             slot.cr_socket = inode_of(cr_theirs.as_fd())?;
             let mut env = spec.env.clone();
             env.push((crate::cr::ENV_FD.into(), CR_FD.to_string()));
@@ -135,19 +135,6 @@ impl Daemon {
     }
 }
 
-/// A rank's callback socket: lamd's end (non-blocking, cloexec) and the rank's.
-pub(crate) fn cr_socketpair() -> Result<(OwnedFd, OwnedFd), DaemonError> {
-    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
-    let (ours, theirs) = socketpair(
-        AddressFamily::Unix,
-        SockType::Stream,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?;
-    nonblocking(ours.as_fd())?;
-    Ok((ours, theirs))
-}
-
 /// Forks the holder as the init of a new PID namespace, or, where that is not permitted
 /// (unprivileged users), as a plain child that is a subreaper. The child runs `holder::main` with
 /// `ranks` and never returns here.
@@ -155,27 +142,27 @@ fn start_holder(
     fds: &[(RawFd, RawFd)],
     ranks: Vec<HolderRank>,
 ) -> Result<(nix::unistd::Pid, bool), DaemonError> {
-    let mut spec = SpawnSpec {
+    let spec = SpawnSpec {
         fds: fds.to_vec(),
         cwd: Some("/".into()),
-        new_pid_namespace: std::env::var_os("LAMCR_NO_PIDNS").is_none(),
         setsid: true,
         parent_death_signal: Some(libc::SIGKILL),
         close_stdio: true,
         ..Default::default()
     };
-    let forked = match fork_in_place(&spec) {
+    let mut pid_namespace = std::env::var_os("LAMCR_NO_PIDNS").is_none();
+    let forked = match fork_in_place(&spec, pid_namespace) {
         Err(e)
-            if spec.new_pid_namespace
+            if pid_namespace
                 && matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) =>
         {
-            spec.new_pid_namespace = false;
-            fork_in_place(&spec)?
+            pid_namespace = false;
+            fork_in_place(&spec, false)?
         }
         other => other?,
     };
     match forked {
-        Forked::Parent(pid) => Ok((pid, spec.new_pid_namespace)),
+        Forked::Parent(pid) => Ok((pid, pid_namespace)),
         Forked::Child => super::holder::main(ranks),
     }
 }

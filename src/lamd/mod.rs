@@ -196,6 +196,28 @@ pub(crate) fn cloexec_pipe() -> Result<(OwnedFd, OwnedFd), Errno> {
     nix::unistd::pipe2(OFlag::O_CLOEXEC)
 }
 
+/// A connected pair of Unix stream sockets, both close-on-exec: ours non-blocking, and the one
+/// for a child (a lamd, a rank's callback socket) left blocking.
+pub(crate) fn socketpair_for_child() -> Result<(OwnedFd, OwnedFd), Errno> {
+    use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )?;
+    nonblocking(ours.as_fd())?;
+    Ok((ours, theirs))
+}
+
+/// Sizes the send and receive buffers of one end of the launcher link (best effort): fewer
+/// wake-ups per forwarded MiB on both sides.
+pub(crate) fn size_link_buffers(fd: BorrowedFd<'_>, send: usize, recv: usize) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let _ = setsockopt(&fd, sockopt::SndBufForce, &send);
+    let _ = setsockopt(&fd, sockopt::RcvBufForce, &recv);
+}
+
 impl Daemon {
     fn new(args: DaemonArgs) -> Result<Self, DaemonError> {
         let launcher_fd = crate::sys::take_inherited_fd(args.launcher_fd);
@@ -204,16 +226,7 @@ impl Daemon {
             FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
         );
         nonblocking(launcher_fd.as_fd())?;
-        let _ = nix::sys::socket::setsockopt(
-            &launcher_fd,
-            nix::sys::socket::sockopt::SndBufForce,
-            &(4 << 20),
-        );
-        let _ = nix::sys::socket::setsockopt(
-            &launcher_fd,
-            nix::sys::socket::sockopt::RcvBufForce,
-            &(1 << 20),
-        );
+        size_link_buffers(launcher_fd.as_fd(), 4 << 20, 1 << 20);
         let _ = std::fs::remove_file(&args.listen);
         let listener = UnixListener::bind(&args.listen).map_err(|source| DaemonError::Listen {
             path: args.listen.clone(),

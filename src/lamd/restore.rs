@@ -10,7 +10,8 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::{FcntlArg, fcntl};
 
 use super::dump::{open_dir, tcp_wanted};
-use super::launch::{Launching, cr_socketpair};
+use super::launch::Launching;
+use super::socketpair_for_child;
 use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking};
 use crate::engine::criu::{self, Common};
 use crate::launcher::commit::{StoreError, verify_checksums};
@@ -52,7 +53,7 @@ impl Daemon {
                     ..
                 }) => {
                     if *cr_socket != 0 {
-                        let (ours, theirs) = cr_socketpair()?;
+                        let (ours, theirs) = socketpair_for_child()?;
                         slot.cr_socket = crate::sys::inode_of(theirs.as_fd())?;
                         inherit.push((format!("socket:[{cr_socket}]"), theirs));
                         slot.cr = Some(ours);

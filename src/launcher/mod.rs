@@ -23,7 +23,6 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
 use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
 use nix::unistd::Pid;
 
@@ -126,12 +125,7 @@ impl Daemons {
     fn spawn(spec: &JobSpec, run_dir: &RunDir) -> Result<Self, LaunchError> {
         let mut daemons = Daemons(Vec::new());
         for node in &spec.nodes {
-            let (ours, theirs) = socketpair(
-                AddressFamily::Unix,
-                SockType::Stream,
-                None,
-                SockFlag::SOCK_CLOEXEC,
-            )?;
+            let (ours, theirs) = crate::lamd::socketpair_for_child()?;
             let work = run_dir
                 .node_work_dir(node.id.0)
                 .map_err(LaunchError::RunDir)?;
@@ -402,18 +396,7 @@ impl Launcher {
             .into_iter()
             .zip(std::mem::take(&mut daemons.0))
         {
-            crate::lamd::nonblocking(ours.as_fd())?;
-            // Bigger socket buffers: fewer wake-ups per forwarded MiB on both sides.
-            let _ = nix::sys::socket::setsockopt(
-                &ours,
-                nix::sys::socket::sockopt::RcvBufForce,
-                &(4 << 20),
-            );
-            let _ = nix::sys::socket::setsockopt(
-                &ours,
-                nix::sys::socket::sockopt::SndBufForce,
-                &(1 << 20),
-            );
+            crate::lamd::size_link_buffers(ours.as_fd(), 1 << 20, 4 << 20);
             let mut n = Node {
                 id: node.id,
                 pid,

@@ -35,9 +35,6 @@ pub struct SpawnSpec {
     pub fds: Vec<(RawFd, RawFd)>,
     /// Working directory of the child.
     pub cwd: Option<std::path::PathBuf>,
-    /// Start the child as the init of a new PID namespace (`clone(CLONE_NEWPID)`); only
-    /// [`fork_in_place`] does, [`spawn`] refuses.
-    pub new_pid_namespace: bool,
     /// Call `setsid()` in the child.
     pub setsid: bool,
     /// Signal the child receives when its parent dies.
@@ -175,13 +172,6 @@ fn altered_signals() -> Vec<libc::c_int> {
 
 fn spawn_prepared(spec: &SpawnSpec, mut prepared: Prepared) -> io::Result<Pid> {
     let _ = (&prepared.argv, &prepared.env);
-    if spec.new_pid_namespace {
-        // Only the holder starts a namespace, and it is forked in place, never exec'd.
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "spawn does not make PID namespaces (see fork_in_place)",
-        ));
-    }
     let highest = prepared.keep.iter().copied().max().unwrap_or(2);
     let failed = AtomicI32::new(0);
     let mut child = VforkChild {
@@ -288,14 +278,15 @@ pub enum Forked {
     Child,
 }
 
-/// Forks a child that goes on running this program instead of exec'ing one (lamd's holder).
+/// Forks a child that goes on running this program instead of exec'ing one (lamd's holder),
+/// as the init of a new PID namespace (`clone(CLONE_NEWPID)`) if `new_pid_namespace`.
 /// `spec.program`, `argv` and `env` are unused; everything else applies as for [`spawn`], and the
 /// child's fds are exactly those of `spec.fds`. Returns once the child is set up.
 ///
 /// Only a single-threaded process may call this (checked): the child runs ordinary Rust code,
 /// allocator included, which is sound only if no other thread could have held a lock at the
 /// fork.
-pub fn fork_in_place(spec: &SpawnSpec) -> io::Result<Forked> {
+pub fn fork_in_place(spec: &SpawnSpec, new_pid_namespace: bool) -> io::Result<Forked> {
     let threads = std::fs::read_dir("/proc/self/task")?.count();
     if threads != 1 {
         return Err(io::Error::other(format!(
@@ -304,7 +295,7 @@ pub fn fork_in_place(spec: &SpawnSpec) -> io::Result<Forked> {
     }
     let mut prepared = Prepared::new(spec)?;
     let (err_r, err_w, highest) = report_pipe(&prepared)?;
-    let flags = if spec.new_pid_namespace {
+    let flags = if new_pid_namespace {
         libc::CLONE_NEWPID | libc::SIGCHLD
     } else {
         libc::SIGCHLD
