@@ -413,18 +413,30 @@ fn killing_the_launcher_leaves_nothing_behind() {
 
 #[test]
 fn a_lost_daemon_fails_the_job_and_leaves_nothing_behind() {
+    lose_a_daemon(false);
+}
+
+/// As unprivileged users run it: no PID namespace, so no kernel kills the ranks when the holder
+/// dies; the holder must outlive lamd and kill them.
+#[test]
+fn a_lost_daemon_leaves_nothing_behind_without_a_pid_namespace() {
+    lose_a_daemon(true);
+}
+
+fn lose_a_daemon(no_pid_namespace: bool) {
     let env = Env::new();
-    let mut job = LiveJob::start(
-        &env,
-        &[
-            "run",
-            "--host",
-            "localhost:2,127.0.0.1:2",
-            "sh",
-            "-c",
-            "echo up $LAMCR_NODE; exec sleep 600",
-        ],
-    );
+    let mut cmd = env.cmd(&[
+        "run",
+        "--host",
+        "localhost:2,127.0.0.1:2",
+        "sh",
+        "-c",
+        "echo up $LAMCR_NODE; exec sleep 600",
+    ]);
+    if no_pid_namespace {
+        cmd.env("LAMCR_NO_PIDNS", "1");
+    }
+    let mut job = LiveJob::start_cmd(cmd);
     job.wait_for("ranks up", |l| {
         l.iter().filter(|x| x.starts_with("up")).count() == 4
     });

@@ -142,22 +142,25 @@ fn start_holder(
     fds: &[(RawFd, RawFd)],
     ranks: Vec<HolderRank>,
 ) -> Result<(nix::unistd::Pid, bool), DaemonError> {
-    let spec = SpawnSpec {
+    // As a namespace init, the holder dies with lamd and the kernel kills the whole namespace.
+    // Without one that would orphan the ranks: the holder outlives lamd instead, sees its
+    // control pipe close, and kills them itself.
+    let spec = |pid_namespace: bool| SpawnSpec {
         fds: fds.to_vec(),
         cwd: Some("/".into()),
         setsid: true,
-        parent_death_signal: Some(libc::SIGKILL),
+        parent_death_signal: pid_namespace.then_some(libc::SIGKILL),
         close_stdio: true,
         ..Default::default()
     };
     let mut pid_namespace = std::env::var_os("LAMCR_NO_PIDNS").is_none();
-    let forked = match fork_in_place(&spec, pid_namespace) {
+    let forked = match fork_in_place(&spec(pid_namespace), pid_namespace) {
         Err(e)
             if pid_namespace
                 && matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EINVAL)) =>
         {
             pid_namespace = false;
-            fork_in_place(&spec, false)?
+            fork_in_place(&spec(false), false)?
         }
         other => other?,
     };
