@@ -522,6 +522,28 @@ fn bad_input_gets_one_line_and_a_nonzero_exit() {
 }
 
 #[test]
+fn a_rank_that_cannot_exec_fails_the_job_and_stops_the_others() {
+    // The launcher's checks pass (an executable file), but the kernel refuses the image: the
+    // holder learns it only after the clone, while the ranks around it are already running.
+    let env = Env::new();
+    let bad = env.path("bad-image");
+    write_file(&bad, "\x7fELF but not really\n");
+    std::fs::set_permissions(&bad, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let bad = bad.to_str().unwrap();
+    let o = env.run(&[
+        "run", "-n", "8", "sleep", "600", ":", "-n", "1", bad, ":", "-n", "7", "sleep", "600",
+    ]);
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains(&format!("rank 8: cannot execute {bad}: Exec format error")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    env.assert_no_leftovers();
+}
+
+#[test]
 fn slow_console_back_pressures_the_rank_with_bounded_memory() {
     // The rank writes 256 MiB while nobody reads the launcher's stdout: the rank must block, and
     // the launcher and lamd must stay small; then everything arrives.

@@ -168,7 +168,10 @@ fn own_fd(fd: RawFd) -> OwnedFd {
 
 fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut Outbox) {
     let devnull = std::fs::File::open("/dev/null").ok();
-    let spawner = Spawner::new();
+    let mut spawner = Spawner::new();
+    // Each child execs on its own while the next is made; whether it could is known once all
+    // have been started.
+    let mut started = Vec::with_capacity(ranks.len());
     for r in ranks {
         let stdin = r
             .stdin_fd
@@ -187,27 +190,13 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
             close_stdio: true,
             ..Default::default()
         };
-        match spawner.spawn(&spec) {
-            Ok(pid) => {
-                live.insert(pid.as_raw(), r.rank);
-                out.push(&HolderEvent::Spawned {
-                    rank: r.rank,
-                    pid: pid.as_raw(),
-                });
-            }
-            Err(e) => {
-                out.push(&HolderEvent::SpawnFailed {
-                    rank: r.rank,
-                    errno: e.raw_os_error().unwrap_or(0),
-                });
-                out.push(&HolderEvent::Exited {
-                    rank: r.rank,
-                    status: ExitStatus::Code(127),
-                });
-            }
+        match spawner.start(&spec) {
+            Ok(pid) => started.push((r.rank, pid)),
+            Err(e) => spawn_failed(out, r.rank, &e),
         }
-        // The rank holds its ends now; lamd holds the others. Ours must go, or EOF never
-        // comes; and at once, or every later child inherits them only to close them.
+        // The rank holds its ends now (its fd table is its own from the clone on); lamd holds
+        // the others. Ours must go, or EOF never comes; and at once, or every later child
+        // inherits them only to close them.
         for fd in [r.stdin_fd, Some(r.stdout_fd), Some(r.stderr_fd)]
             .into_iter()
             .flatten()
@@ -216,6 +205,31 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
             drop(own_fd(fd));
         }
     }
+    let failed = spawner.settle();
+    for (rank, pid) in started {
+        match failed.iter().find(|(p, _)| *p == pid) {
+            Some((_, e)) => spawn_failed(out, rank, e),
+            None => {
+                live.insert(pid.as_raw(), rank);
+                out.push(&HolderEvent::Spawned {
+                    rank,
+                    pid: pid.as_raw(),
+                });
+            }
+        }
+    }
+}
+
+/// A rank that never ran: why, and its exit as the shell's 127.
+fn spawn_failed(out: &mut Outbox, rank: Rank, e: &std::io::Error) {
+    out.push(&HolderEvent::SpawnFailed {
+        rank,
+        errno: e.raw_os_error().unwrap_or(0),
+    });
+    out.push(&HolderEvent::Exited {
+        rank,
+        status: ExitStatus::Code(127),
+    });
 }
 
 fn reap(live: &mut BTreeMap<i32, Rank>, out: &mut Outbox) {

@@ -12,12 +12,13 @@
 
 pub mod capi;
 pub mod cr;
+mod raw;
 
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use nix::unistd::Pid;
 
@@ -46,8 +47,12 @@ pub struct SpawnSpec {
 
 struct Prepared {
     program: CString,
+    /// Owns the strings `argv_ptrs` points into.
+    #[allow(dead_code)]
     argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
+    /// Owns the strings `env_ptrs` points into.
+    #[allow(dead_code)]
     env: Vec<CString>,
     env_ptrs: Vec<*const libc::c_char>,
     cwd: Option<CString>,
@@ -57,6 +62,9 @@ struct Prepared {
     keep: Vec<RawFd>,
     /// Signals whose disposition the child must set back to the default before it execs.
     reset: Vec<libc::c_int>,
+    setsid: bool,
+    parent_death_signal: Option<i32>,
+    close_stdio: bool,
 }
 
 fn cstring(bytes: &[u8]) -> io::Result<CString> {
@@ -112,7 +120,15 @@ impl Prepared {
             moved: vec![0; spec.fds.len()],
             keep,
             reset,
+            setsid: spec.setsid,
+            parent_death_signal: spec.parent_death_signal,
+            close_stdio: spec.close_stdio,
         })
+    }
+
+    /// The highest fd number the child keeps.
+    fn highest(&self) -> RawFd {
+        self.keep.iter().copied().max().unwrap_or(2)
     }
 }
 
@@ -120,30 +136,137 @@ impl Prepared {
 ///
 /// An exec failure is returned as the child's errno (the child has then already exited with 127
 /// and has been reaped).
-///
-/// The child shares our memory until it execs (`CLONE_VM | CLONE_VFORK` on a stack of its own,
-/// as `posix_spawn` does), so no page table is copied for it; we wait only for it to reach
-/// `execve`, not for the new program to load.
 pub fn spawn(spec: &SpawnSpec) -> io::Result<Pid> {
-    let prepared = Prepared::new(spec)?;
-    spawn_prepared(spec, prepared)
+    let mut spawner = Spawner::new();
+    let pid = spawner.start(spec)?;
+    match spawner.settle().pop() {
+        Some((_, err)) => Err(err),
+        None => Ok(pid),
+    }
 }
 
-/// Spawns many children (see [`spawn`]), reading the signal dispositions only once for all.
+/// Starts children the way `posix_spawn` does, without waiting for each to exec.
+///
+/// A child shares our memory until it execs (`CLONE_VM`, on a stack of its own), so no page
+/// table is copied for it. Unlike `posix_spawn` we do not wait (`CLONE_VFORK`) for it to reach
+/// `execve`: [`start`](Self::start) returns at once, and the next child can be made while this
+/// one execs on the other core. The kernel clears a word of ours when the child's exec has let
+/// go of our memory, or when it exits (`CLONE_CHILD_CLEARTID`); until then its stack and
+/// everything it reads stay alive here, and [`settle`](Self::settle) (or drop) waits for it.
+/// The child makes only errno-free system calls ([`raw`]), so it never writes to our memory
+/// but its stack, its scratch and its failure word. Where there are none, children are made
+/// with `CLONE_VFORK` as before.
+///
+/// Signal dispositions are read once for all children.
 pub struct Spawner {
     reset: Vec<libc::c_int>,
+    /// Children not yet known to have exec'd or exited.
+    flight: Vec<(Pid, *mut Flight)>,
+}
+
+/// What one child reads, and writes, until it has exec'd; freed only after that.
+struct Flight {
+    prepared: Prepared,
+    stack: Vec<u8>,
+    /// Non-zero until the kernel clears it (`CLONE_CHILD_CLEARTID`): the child has exec'd or
+    /// exited, and uses nothing here any more.
+    tid: AtomicU32,
+    /// The child's errno if it could not exec.
+    errno: AtomicI32,
 }
 
 impl Spawner {
     pub fn new() -> Self {
         Spawner {
             reset: altered_signals(),
+            flight: Vec::new(),
         }
     }
 
-    pub fn spawn(&self, spec: &SpawnSpec) -> io::Result<Pid> {
+    /// Starts a child; its pid is returned at once. Whether it exec'd is known from
+    /// [`settle`](Self::settle).
+    pub fn start(&mut self, spec: &SpawnSpec) -> io::Result<Pid> {
         let prepared = Prepared::new_with(spec, self.reset.clone())?;
-        spawn_prepared(spec, prepared)
+        let flight = Box::into_raw(Box::new(Flight {
+            prepared,
+            stack: vec![0u8; CHILD_STACK],
+            tid: AtomicU32::new(u32::MAX),
+            errno: AtomicI32::new(0),
+        }));
+        // The stack grows down from its 16-byte aligned top.
+        // SAFETY: `flight` is the live allocation just made; nothing else refers to it yet.
+        let (top, tid) = unsafe {
+            let end = (*flight).stack.as_mut_ptr_range().end as usize;
+            ((end & !15) as *mut libc::c_void, (*flight).tid.as_ptr())
+        };
+        let flags = libc::CLONE_VM
+            | libc::CLONE_CHILD_CLEARTID
+            | libc::SIGCHLD
+            | if raw::AVAILABLE { 0 } else { libc::CLONE_VFORK };
+        let pid = {
+            let _blocked = BlockAll::new()?;
+            // SAFETY: `spawned_child` runs on the stack inside `flight`, which stays allocated
+            // until the kernel has cleared `tid` (see `settle`). The child touches only that
+            // stack, `prepared.moved` and `errno` of its own `Flight`, makes only errno-free
+            // system calls, and never returns. The varargs are clone's parent-tid, TLS and
+            // child-tid pointers.
+            unsafe {
+                libc::clone(
+                    spawned_child,
+                    top,
+                    flags,
+                    flight.cast(),
+                    std::ptr::null_mut::<libc::pid_t>(),
+                    std::ptr::null_mut::<libc::c_void>(),
+                    tid.cast::<libc::pid_t>(),
+                )
+            }
+        };
+        if pid < 0 {
+            let err = io::Error::last_os_error();
+            // SAFETY: no child was made, so nothing else refers to `flight`.
+            drop(unsafe { Box::from_raw(flight) });
+            return Err(err);
+        }
+        let pid = Pid::from_raw(pid);
+        self.flight.push((pid, flight));
+        Ok(pid)
+    }
+
+    /// Waits until every started child has exec'd or exited; returns those that could not
+    /// exec, with their errno (they have exited with 127 and have been reaped).
+    pub fn settle(&mut self) -> Vec<(Pid, io::Error)> {
+        let mut failed = Vec::new();
+        for (pid, flight) in std::mem::take(&mut self.flight) {
+            // SAFETY: `flight` stays allocated until freed below; only its atomics are read
+            // while the child may still run.
+            let (tid, errno) = unsafe { (&(*flight).tid, &(*flight).errno) };
+            loop {
+                let seen = tid.load(Ordering::Acquire);
+                if seen == 0 {
+                    break;
+                }
+                // SAFETY: FUTEX_WAIT on a live word; it returns when the kernel's wake (a
+                // shared futex, hence no FUTEX_PRIVATE_FLAG) comes or the value has changed.
+                unsafe {
+                    libc::syscall(
+                        libc::SYS_futex,
+                        tid.as_ptr(),
+                        libc::FUTEX_WAIT,
+                        seen,
+                        std::ptr::null::<libc::timespec>(),
+                    );
+                }
+            }
+            let errno = errno.load(Ordering::SeqCst);
+            // SAFETY: the child has exec'd or exited: nothing else uses `flight` any more.
+            drop(unsafe { Box::from_raw(flight) });
+            if errno != 0 {
+                let _ = nix::sys::wait::waitpid(pid, None);
+                failed.push((pid, io::Error::from_raw_os_error(errno)));
+            }
+        }
+        failed
     }
 }
 
@@ -152,6 +275,59 @@ impl Default for Spawner {
         Self::new()
     }
 }
+
+impl Drop for Spawner {
+    fn drop(&mut self) {
+        // A child may still be reading its `Flight`.
+        let _ = self.settle();
+    }
+}
+
+/// Every signal blocked, libc's internal ones included (hence the raw system call), until
+/// dropped: no handler of ours may run in a child that shares our memory before it has reset
+/// its dispositions.
+struct BlockAll {
+    old: u64,
+}
+
+impl BlockAll {
+    fn new() -> io::Result<Self> {
+        let all = u64::MAX;
+        let mut old = 0u64;
+        // SAFETY: rt_sigprocmask reads and writes one kernel sigset (8 bytes) through locals.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &all as *const u64,
+                &mut old as *mut u64,
+                8usize,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(BlockAll { old })
+    }
+}
+
+impl Drop for BlockAll {
+    fn drop(&mut self) {
+        // SAFETY: restores the mask saved by `new`.
+        unsafe {
+            libc::syscall(
+                libc::SYS_rt_sigprocmask,
+                libc::SIG_SETMASK,
+                &self.old as *const u64,
+                std::ptr::null_mut::<u64>(),
+                8usize,
+            )
+        };
+    }
+}
+
+/// Stack of a spawned child until it execs (it only moves fds and makes system calls).
+const CHILD_STACK: usize = 64 << 10;
 
 /// The signals whose disposition is not the default (handled or ignored). An exec resets
 /// handled ones itself but keeps ignored ones; a child that shares our memory must not run a
@@ -170,104 +346,43 @@ fn altered_signals() -> Vec<libc::c_int> {
         .collect()
 }
 
-fn spawn_prepared(spec: &SpawnSpec, mut prepared: Prepared) -> io::Result<Pid> {
-    let _ = (&prepared.argv, &prepared.env);
-    let highest = prepared.keep.iter().copied().max().unwrap_or(2);
-    let failed = AtomicI32::new(0);
-    let mut child = VforkChild {
-        spec,
-        prepared: &mut prepared,
-        report: Report {
-            pipe: -1,
-            errno: &failed,
-        },
-        highest,
-    };
-    let mut stack = vec![0u8; VFORK_STACK];
-    // The stack grows down from its 16-byte aligned top.
-    let top = {
-        let end = stack.as_mut_ptr_range().end as usize;
-        (end & !15) as *mut libc::c_void
-    };
-    // No handler of ours may run in the child, which shares our memory: every signal, libc's
-    // internal ones included (hence the raw system call), stays blocked until the child has
-    // reset all dispositions.
-    let all = u64::MAX;
-    let mut old = 0u64;
-    // SAFETY: rt_sigprocmask reads and writes one kernel sigset (8 bytes) through live locals.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &all as *const u64,
-            &mut old as *mut u64,
-            8usize,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `vfork_child` runs on `stack`, which outlives the call: with CLONE_VFORK we are
-    // suspended until the child has exec'd or exited, and only then do `stack`, `child` and
-    // `failed` go out of scope. The child calls only async-signal-safe functions, touches no
-    // memory but `child` (its own fds moves and the failure word) and never returns.
-    let pid = unsafe {
-        libc::clone(
-            vfork_child,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            (&mut child as *mut VforkChild<'_>).cast(),
-        )
-    };
-    let clone_err = io::Error::last_os_error();
-    // SAFETY: as above; restores the mask saved there.
-    unsafe {
-        libc::syscall(
-            libc::SYS_rt_sigprocmask,
-            libc::SIG_SETMASK,
-            &old as *const u64,
-            std::ptr::null_mut::<u64>(),
-            8usize,
-        )
-    };
-    drop(stack);
-    if pid < 0 {
-        return Err(clone_err);
-    }
-    let pid = Pid::from_raw(pid);
-    match failed.load(Ordering::SeqCst) {
-        0 => Ok(pid),
-        errno => {
-            let _ = nix::sys::wait::waitpid(pid, None);
-            Err(io::Error::from_raw_os_error(errno))
-        }
-    }
-}
-
-/// Stack of a `spawn`ed child until it execs (it only moves fds and calls into libc).
-const VFORK_STACK: usize = 128 << 10;
-
-/// Everything a vforked child needs, on the parent's side of the shared memory.
-struct VforkChild<'a> {
-    spec: &'a SpawnSpec,
-    prepared: &'a mut Prepared,
-    report: Report,
-    highest: RawFd,
-}
-
-/// How a child that cannot exec says why: its errno into a word the parent reads, or (forked)
-/// down a close-on-exec pipe.
+/// How a child that cannot exec says why: its errno into a word the parent reads (spawned),
+/// or down a close-on-exec pipe (forked).
 struct Report {
     pipe: RawFd,
     errno: *const AtomicI32,
 }
 
-extern "C" fn vfork_child(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `VforkChild` that `spawn` passed, alive while the parent is suspended.
+extern "C" fn spawned_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `Flight` that `Spawner::start` made, alive until the kernel clears
+    // its `tid`, which happens only once this child has exec'd or exited.
     unsafe {
-        let c = &mut *arg.cast::<VforkChild<'_>>();
-        child_after_fork(c.spec, c.prepared, &c.report, c.highest)
+        let flight = arg.cast::<Flight>();
+        let report = Report {
+            pipe: -1,
+            errno: &raw const (*flight).errno,
+        };
+        let p = &mut (*flight).prepared;
+        let highest = p.highest();
+        child_setup(p, &report, highest);
+        let e = sys_err(raw::syscall(
+            libc::SYS_execve,
+            [
+                p.program.as_ptr() as usize,
+                p.argv_ptrs.as_ptr() as usize,
+                p.env_ptrs.as_ptr() as usize,
+                0,
+                0,
+                0,
+            ],
+        ));
+        fail(&report, e)
     }
+}
+
+/// The errno of a failed raw system call (a success here is an exec that returned: EIO).
+fn sys_err(r: Result<usize, i32>) -> i32 {
+    r.err().unwrap_or(libc::EIO)
 }
 
 /// Which side of [`fork_in_place`] we are on.
@@ -322,7 +437,7 @@ pub fn fork_in_place(spec: &SpawnSpec, new_pid_namespace: bool) -> io::Result<Fo
             errno: std::ptr::null(),
         };
         // SAFETY: we are the freshly forked child; everything used was prepared before the fork.
-        unsafe { child_setup(spec, &mut prepared, &report, highest) };
+        unsafe { child_setup(&mut prepared, &report, highest) };
         // Set up: the parent's read sees EOF.
         drop(err_w);
         std::mem::forget(err_r);
@@ -344,7 +459,7 @@ pub fn fork_in_place(spec: &SpawnSpec, new_pid_namespace: bool) -> io::Result<Fo
 /// the child is to keep (so no mapping can clobber it); and that number, the highest in use.
 fn report_pipe(prepared: &Prepared) -> io::Result<(OwnedFd, OwnedFd, RawFd)> {
     let (err_r, err_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    let above = prepared.keep.iter().copied().max().unwrap_or(2) + 1;
+    let above = prepared.highest() + 1;
     let err_w = nix::fcntl::fcntl(&err_w, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(above))?;
     // SAFETY: F_DUPFD_CLOEXEC returned a new fd that nothing else owns.
     let err_w = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(err_w) };
@@ -374,61 +489,55 @@ fn read_full(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<usize> {
     Ok(n)
 }
 
-/// The child side of [`spawn`]: [`child_setup`], then exec.
+/// Makes a freshly made child what its spec said: default signal dispositions, nothing
+/// blocked, session, parent-death signal, exactly the mapped fds (and the report pipe),
+/// working directory. On failure the child reports its errno and exits.
 ///
 /// # Safety
-/// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
-unsafe fn child_after_fork(
-    spec: &SpawnSpec,
-    p: &mut Prepared,
-    report: &Report,
-    highest: RawFd,
-) -> ! {
-    // SAFETY: as for `child_setup`; execve and `fail` are async-signal-safe.
+/// Must only be called in a freshly made child. It makes only errno-free system calls
+/// ([`raw`]) and writes no memory but `p.moved` and the report word.
+unsafe fn child_setup(p: &mut Prepared, report: &Report, highest: RawFd) {
+    // SAFETY: every call is a raw system call on memory prepared before the clone.
     unsafe {
-        child_setup(spec, p, report, highest);
-        libc::execve(
-            p.program.as_ptr(),
-            p.argv_ptrs.as_ptr(),
-            p.env_ptrs.as_ptr(),
-        );
-        fail(report)
-    }
-}
-
-/// Makes a freshly forked child what `spec` says: default signal dispositions, nothing blocked,
-/// session, parent-death signal, exactly the mapped fds (and the report pipe), working
-/// directory. On failure the child reports its errno and exits.
-///
-/// # Safety
-/// Must only be called in a freshly forked child. It calls async-signal-safe functions only.
-unsafe fn child_setup(spec: &SpawnSpec, p: &mut Prepared, report: &Report, highest: RawFd) {
-    // SAFETY: the whole body makes only async-signal-safe libc calls on memory prepared before
-    // the fork.
-    unsafe {
-        reset_signals_raw(&p.reset);
-        if spec.setsid {
-            libc::setsid();
+        if let Err(e) = reset_signals_raw(&p.reset) {
+            fail(report, e);
         }
-        if let Some(sig) = spec.parent_death_signal {
-            libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0);
+        if p.setsid {
+            let _ = raw::syscall(libc::SYS_setsid, [0; 6]);
         }
-        // Move every source above all targets first, so that no dup2 clobbers a later source.
-        // `moved` was allocated before the fork; writing into it here is plain memory.
+        if let Some(sig) = p.parent_death_signal {
+            let args = [libc::PR_SET_PDEATHSIG as usize, sig as usize, 0, 0, 0, 0];
+            let _ = raw::syscall(libc::SYS_prctl, args);
+        }
+        // Move every source above all targets first, so that no dup clobbers a later source.
+        // `moved` was allocated before the clone; writing into it here is plain memory.
         for (i, &(src, _)) in p.fds.iter().enumerate() {
-            let fd = libc::fcntl(src, libc::F_DUPFD_CLOEXEC, highest + 1);
-            if fd < 0 {
-                fail(report);
+            let args = [
+                src as usize,
+                libc::F_DUPFD_CLOEXEC as usize,
+                (highest + 1) as usize,
+                0,
+                0,
+                0,
+            ];
+            match raw::syscall(libc::SYS_fcntl, args) {
+                Ok(fd) => {
+                    if let Some(slot) = p.moved.get_mut(i) {
+                        *slot = fd as RawFd;
+                    }
+                }
+                Err(e) => fail(report, e),
             }
-            p.moved[i] = fd;
         }
-        for (i, &(_, dst)) in p.fds.iter().enumerate() {
-            if libc::dup2(p.moved[i], dst) < 0 {
-                fail(report);
+        for (&(_, dst), &moved) in p.fds.iter().zip(p.moved.iter()) {
+            // A moved fd is above every target, so never equal to `dst` (dup3's one refusal).
+            let args = [moved as usize, dst as usize, 0, 0, 0, 0];
+            if let Err(e) = raw::syscall(libc::SYS_dup3, args) {
+                fail(report, e);
             }
         }
         // Close every fd that is not kept, except the error pipe (close-on-exec anyway).
-        let mut next = if spec.close_stdio { 0 } else { 3 };
+        let mut next = if p.close_stdio { 0 } else { 3 };
         for &k in p.keep.iter() {
             if k >= next {
                 if k > next {
@@ -439,8 +548,8 @@ unsafe fn child_setup(spec: &SpawnSpec, p: &mut Prepared, report: &Report, highe
         }
         close_range(next, RawFd::MAX, report.pipe);
         if let Some(cwd) = &p.cwd {
-            if libc::chdir(cwd.as_ptr()) < 0 {
-                fail(report);
+            if let Err(e) = raw::syscall(libc::SYS_chdir, [cwd.as_ptr() as usize, 0, 0, 0, 0, 0]) {
+                fail(report, e);
             }
         }
     }
@@ -449,58 +558,54 @@ unsafe fn child_setup(spec: &SpawnSpec, p: &mut Prepared, report: &Report, highe
 /// Closes `[lo, hi]` except `skip`.
 ///
 /// # Safety
-/// Async-signal-safe; only for use in a forked child.
+/// Only for use in a freshly made child.
 unsafe fn close_range(lo: RawFd, hi: RawFd, skip: RawFd) {
+    let close = |lo: RawFd, hi: RawFd| {
+        if lo <= hi {
+            // SAFETY: close_range is a plain system call on fd numbers.
+            let _ = unsafe {
+                raw::syscall(
+                    libc::SYS_close_range,
+                    [lo as usize, hi as usize, 0, 0, 0, 0],
+                )
+            };
+        }
+    };
     if lo > hi {
         return;
     }
-    // SAFETY: close_range is a plain syscall on fd numbers.
-    unsafe {
-        if (lo..=hi).contains(&skip) {
-            if skip > lo {
-                libc::syscall(
-                    libc::SYS_close_range,
-                    lo as libc::c_uint,
-                    (skip - 1) as libc::c_uint,
-                    0,
-                );
-            }
-            if skip < hi {
-                libc::syscall(
-                    libc::SYS_close_range,
-                    (skip + 1) as libc::c_uint,
-                    hi as libc::c_uint,
-                    0,
-                );
-            }
-        } else {
-            libc::syscall(
-                libc::SYS_close_range,
-                lo as libc::c_uint,
-                hi as libc::c_uint,
-                0,
-            );
+    if (lo..=hi).contains(&skip) {
+        if skip > lo {
+            close(lo, skip - 1);
         }
+        if skip < hi {
+            close(skip + 1, hi);
+        }
+    } else {
+        close(lo, hi);
     }
 }
 
-/// Reports errno over the error pipe and exits the child.
+/// Reports `errno` (into the parent's word, or down the report pipe) and exits the child.
 ///
 /// # Safety
-/// Async-signal-safe; only for use in a forked child.
-unsafe fn fail(report: &Report) -> ! {
-    // SAFETY: errno location, an atomic store, write and _exit are async-signal-safe; a
-    // non-null `errno` points at the parent's word, alive while the parent is suspended.
+/// Only for use in a freshly made child.
+unsafe fn fail(report: &Report, errno: i32) -> ! {
+    // SAFETY: a non-null `errno` points at the parent's word, alive until the child has
+    // exited; write and exit_group are raw system calls.
     unsafe {
-        let errno = *libc::__errno_location();
+        let errno = errno.max(1);
         if let Some(word) = report.errno.as_ref() {
-            word.store(errno.max(1), Ordering::SeqCst);
+            word.store(errno, Ordering::SeqCst);
         }
         if report.pipe >= 0 {
             let bytes = errno.to_ne_bytes();
-            libc::write(report.pipe, bytes.as_ptr().cast(), bytes.len());
+            let args = [report.pipe as usize, bytes.as_ptr() as usize, 4, 0, 0, 0];
+            let _ = raw::syscall(libc::SYS_write, args);
         }
-        libc::_exit(127)
+        loop {
+            let _ = raw::syscall(libc::SYS_exit_group, [127, 0, 0, 0, 0, 0]);
+        }
     }
 }
 
@@ -508,21 +613,31 @@ unsafe fn fail(report: &Report) -> ! {
 /// every signal.
 ///
 /// # Safety
-/// Async-signal-safe. Changes process-global state: callers own that decision.
-unsafe fn reset_signals_raw(reset: &[libc::c_int]) {
-    // SAFETY: sigemptyset/sigprocmask/sigaction on locals; all async-signal-safe.
+/// Changes process-global state: only for use in a freshly made child.
+unsafe fn reset_signals_raw(reset: &[libc::c_int]) -> Result<(), i32> {
+    // The kernel's `struct sigaction` all zero: SIG_DFL, no flags, empty mask, whatever the
+    // order of its fields. Larger than any architecture's.
+    let default = [0usize; 8];
+    let none = 0u64;
+    // SAFETY: rt_sigaction reads one kernel sigaction from `default` (sigset size 8, as on every
+    // architecture lamcr builds for); rt_sigprocmask reads `none`.
     unsafe {
         // Dispositions first: a child sharing its parent's memory must never run a handler.
-        let mut act: libc::sigaction = std::mem::zeroed();
-        act.sa_sigaction = libc::SIG_DFL;
-        libc::sigemptyset(&mut act.sa_mask);
         for &sig in reset {
-            libc::sigaction(sig, &act, std::ptr::null_mut());
+            let args = [sig as usize, default.as_ptr() as usize, 0, 8, 0, 0];
+            raw::syscall(libc::SYS_rt_sigaction, args)?;
         }
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
+        let args = [
+            libc::SIG_SETMASK as usize,
+            &none as *const u64 as usize,
+            0,
+            8,
+            0,
+            0,
+        ];
+        raw::syscall(libc::SYS_rt_sigprocmask, args)?;
     }
+    Ok(())
 }
 
 /// Replaces the current process image with `/proc/self/exe argv...`, keeping the pid.
@@ -553,7 +668,7 @@ pub fn exec_self(
     // SAFETY: resetting dispositions is intended here, the image is about to be replaced; execve
     // gets NUL-terminated arrays built above that outlive the call.
     unsafe {
-        reset_signals_raw(&p.reset);
+        let _ = reset_signals_raw(&p.reset);
         libc::execve(
             p.program.as_ptr(),
             p.argv_ptrs.as_ptr(),
