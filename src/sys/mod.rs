@@ -1,10 +1,14 @@
 //! The only home of `unsafe` in lamcr: process creation, exec and signal-handler installation.
 //!
 //! Invariants:
-//! - Everything a child needs (paths, argv, envp, fd map) is built *before* `fork`; between fork and
-//!   exec the child only calls async-signal-safe functions (dup2, fcntl, close_range, setsid, prctl,
-//!   sigaction, sigprocmask, chdir, write, execve, `_exit`). It never returns into the caller.
-//! - Exec failures come back to the parent as an errno over a close-on-exec pipe.
+//! - Everything a child needs (paths, argv, envp, fd map) is built *before* the clone; between
+//!   clone and exec the child makes only raw system calls that never touch `errno` ([`raw`]:
+//!   rt_sigaction, rt_sigprocmask, setsid, prctl, fcntl, dup3, close_range, chdir, write,
+//!   execve, exit_group). It never returns into the caller.
+//! - A child that shares our memory (`Spawner`) reads it only until the kernel has cleared its
+//!   `CLONE_CHILD_CLEARTID` word, and nothing it reads is freed before that.
+//! - Exec failures come back to the parent as an errno: in a shared word (spawned children) or
+//!   over a close-on-exec pipe (forked ones).
 //! - Signal handlers installed here only `write` one byte to a pipe.
 //! - File mappings ([`FileMap`]) are read-only and only of checkpoint images, which nothing
 //!   modifies once written.
