@@ -104,7 +104,9 @@ fn run(ranks: Vec<HolderRank>) -> std::io::Result<()> {
     let mut out = Outbox::default();
     let mut live: BTreeMap<i32, Rank> = BTreeMap::new();
     spawn_ranks(&ranks, &mut live, &mut out);
-    drop(ranks);
+    // Not freed: their pages are shared with lamd, and freeing would copy each (copy-on-write)
+    // while the ranks start. They go with this process.
+    std::mem::forget(ranks);
     let mut control_open = true;
     loop {
         reap(&mut live, &mut out);

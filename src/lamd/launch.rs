@@ -127,21 +127,23 @@ impl Daemon {
             fd_map.push((devnull.as_raw_fd(), std_fd));
         }
         let expect_spawns = holder_ranks.len();
-        let (pid, pid_namespace) = start_holder(&fd_map, holder_ranks)?;
+        let (pid, pid_namespace, holder_ranks) = start_holder(&fd_map, holder_ranks)?;
         drop((ctl_r, st_w, child_ends, devnull));
         self.expect_spawns = expect_spawns;
-        self.holder = Some(Holder::new(pid, ctl_w, st_r, pid_namespace)?);
+        let mut holder = Holder::new(pid, ctl_w, st_r, pid_namespace)?;
+        holder.specs = holder_ranks;
+        self.holder = Some(holder);
         Ok(())
     }
 }
 
 /// Forks the holder as the init of a new PID namespace, or, where that is not permitted
 /// (unprivileged users), as a plain child that is a subreaper. The child runs `holder::main` with
-/// `ranks` and never returns here.
+/// `ranks` and never returns here; lamd gets `ranks` back, to keep while the holder lives.
 fn start_holder(
     fds: &[(RawFd, RawFd)],
     ranks: Vec<HolderRank>,
-) -> Result<(nix::unistd::Pid, bool), DaemonError> {
+) -> Result<(nix::unistd::Pid, bool, Vec<HolderRank>), DaemonError> {
     // As a namespace init, the holder dies with lamd and the kernel kills the whole namespace.
     // Without one that would orphan the ranks: the holder outlives lamd instead, sees its
     // control pipe close, and kills them itself.
@@ -165,7 +167,7 @@ fn start_holder(
         other => other?,
     };
     match forked {
-        Forked::Parent(pid) => Ok((pid, pid_namespace)),
+        Forked::Parent(pid) => Ok((pid, pid_namespace, ranks)),
         Forked::Child => super::holder::main(ranks),
     }
 }

@@ -93,6 +93,9 @@ pub(crate) struct Holder {
     control_pipe: u64,
     status_pipe: u64,
     pid_namespace: bool,
+    /// What the holder was forked with. Freed only once it is gone: until then their pages are
+    /// shared with it, and freeing them would copy each one (copy-on-write) during the launch.
+    specs: Vec<holder::HolderRank>,
 }
 
 /// A rank as lamd sees it.
@@ -182,6 +185,7 @@ impl Holder {
             status: Some(status),
             status_reader: FrameReader::new(),
             pid_namespace,
+            specs: Vec::new(),
         })
     }
 }

@@ -171,7 +171,8 @@ pub struct Spawner {
 /// What one child reads, and writes, until it has exec'd; freed only after that.
 struct Flight {
     prepared: Prepared,
-    stack: Vec<u8>,
+    /// Never initialised: only the child writes it, below its top.
+    stack: Box<[std::mem::MaybeUninit<u8>]>,
     /// Non-zero until the kernel clears it (`CLONE_CHILD_CLEARTID`): the child has exec'd or
     /// exited, and uses nothing here any more.
     tid: AtomicU32,
@@ -193,7 +194,7 @@ impl Spawner {
         let prepared = Prepared::new_with(spec, self.reset.clone())?;
         let flight = Box::into_raw(Box::new(Flight {
             prepared,
-            stack: vec![0u8; CHILD_STACK],
+            stack: Box::new_uninit_slice(CHILD_STACK),
             tid: AtomicU32::new(u32::MAX),
             errno: AtomicI32::new(0),
         }));
