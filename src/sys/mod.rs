@@ -810,3 +810,49 @@ impl Drop for FileMap {
         let _ = unsafe { nix::sys::mman::munmap(self.ptr, self.len) };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(program: &str, args: &[&str]) -> SpawnSpec {
+        SpawnSpec {
+            program: program.into(),
+            argv: std::iter::once(program)
+                .chain(args.iter().copied())
+                .map(Into::into)
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_spawner_starts_many_and_settles_only_the_failures() {
+        let mut spawner = Spawner::new();
+        let mut ok = Vec::new();
+        for _ in 0..8 {
+            ok.push(spawner.start(&spec("/bin/sh", &["-c", "exit 7"])).unwrap());
+        }
+        let missing = spawner.start(&spec("/nonexistent/lamcr", &[])).unwrap();
+        let failed = spawner.settle();
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert_eq!(failed[0].0, missing);
+        assert_eq!(failed[0].1.raw_os_error(), Some(libc::ENOENT));
+        for pid in ok {
+            // Each exec'd the shell, whose exit code is its own.
+            let status = nix::sys::wait::waitpid(pid, None).unwrap();
+            assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 7));
+        }
+        // Settling again has nothing left to wait for.
+        assert!(spawner.settle().is_empty());
+    }
+
+    #[test]
+    fn spawn_reports_an_exec_failure_as_its_errno() {
+        let err = spawn(&spec("/nonexistent/lamcr", &[])).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
+        let pid = spawn(&spec("/bin/true", &[])).unwrap();
+        let status = nix::sys::wait::waitpid(pid, None).unwrap();
+        assert_eq!(status, nix::sys::wait::WaitStatus::Exited(pid, 0));
+    }
+}
