@@ -658,37 +658,51 @@ fn the_holder_is_lamds_fork_and_holds_only_its_own_fds() {
     let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
     assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");
-    let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("{proc}/fd"))
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let fd = e.file_name().to_string_lossy().parse().unwrap();
-            let target = std::fs::read_link(e.path()).unwrap();
-            (fd, target.display().to_string())
-        })
-        .collect();
-    fds.sort();
-    let kinds: Vec<String> = fds
-        .iter()
-        .map(|(fd, t)| match t.as_str() {
-            "/dev/null" => format!("{fd}:null"),
-            t if t.starts_with("pipe:") => format!("{fd}:pipe"),
-            t if t.contains("signalfd") => format!("{fd}:signalfd"),
-            t => format!("{fd}:{t}"),
-        })
-        .collect();
-    assert_eq!(
-        kinds,
-        [
-            "0:null",
-            "1:null",
-            "2:null",
-            "3:pipe",
-            "4:pipe",
-            "5:signalfd"
-        ],
-        "{fds:?}"
-    );
+    // Once every rank has been started (the ranks may run before the holder has seen all of
+    // them exec), the holder keeps exactly its own fds.
+    let fds_of = || {
+        let mut fds: Vec<(i32, String)> = std::fs::read_dir(format!("{proc}/fd"))
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                let fd = e.file_name().to_string_lossy().parse().ok()?;
+                let target = std::fs::read_link(e.path()).ok()?;
+                Some((fd, target.display().to_string()))
+            })
+            .collect();
+        fds.sort();
+        fds
+    };
+    let kinds_of = |fds: &[(i32, String)]| -> Vec<String> {
+        fds.iter()
+            .map(|(fd, t)| match t.as_str() {
+                "/dev/null" => format!("{fd}:null"),
+                t if t.starts_with("pipe:") => format!("{fd}:pipe"),
+                t if t.contains("signalfd") => format!("{fd}:signalfd"),
+                t => format!("{fd}:{t}"),
+            })
+            .collect()
+    };
+    let want = [
+        "0:null",
+        "1:null",
+        "2:null",
+        "3:pipe",
+        "4:pipe",
+        "5:signalfd",
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let fds = fds_of();
+        if kinds_of(&fds) == want {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the holder holds {fds:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
     job.signal(Signal::SIGTERM);
     let (status, _, err) = job.finish();
     assert_eq!(status.code(), Some(143), "{err}");

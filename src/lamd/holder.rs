@@ -207,6 +207,8 @@ fn spawn_ranks(ranks: &[HolderRank], live: &mut BTreeMap<i32, Rank>, out: &mut O
             drop(own_fd(fd));
         }
     }
+    // Every child has its own fd table by now.
+    drop(devnull);
     let failed = spawner.settle();
     for (rank, pid) in started {
         match failed.iter().find(|(p, _)| *p == pid) {
