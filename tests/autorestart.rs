@@ -43,15 +43,19 @@ fn sigkill(pid: i32) {
     kill(Pid::from_raw(pid), Signal::SIGKILL).expect("kill");
 }
 
-/// The launcher's pid now runs the restarted launcher image (checked from outside, in /proc).
+/// The launcher's pid now runs the restarted launcher image (checked from outside, in /proc),
+/// and still shows as `lamcr`, not as the `exe` of `/proc/self/exe`.
 fn wait_resumed_in_place(pid: u32) {
     wait_until(
-        "the launcher to exec itself",
+        "the launcher to exec itself and name itself lamcr",
         Duration::from_secs(30),
         || {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .ok()
-                .filter(|c| c.split(|&b| b == 0).any(|a| a == b"resume"))
+            let resumed = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .ok()?
+                .split(|&b| b == 0)
+                .any(|a| a == b"resume");
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (resumed && comm.trim() == "lamcr").then_some(())
         },
     );
 }

@@ -655,6 +655,12 @@ fn the_holder_is_lamds_fork_and_holds_only_its_own_fds() {
     let proc = format!("/proc/{holder}");
     let comm = std::fs::read_to_string(format!("{proc}/comm")).unwrap();
     assert_eq!(comm.trim(), "lamcr-holder");
+    // lamd is `/proc/self/exe` exec'd, which the kernel would name `exe`.
+    let lamd = env
+        .process("lamcr lamd")
+        .expect("a process shown as `lamcr lamd`");
+    let comm = std::fs::read_to_string(format!("/proc/{lamd}/comm")).unwrap();
+    assert_eq!(comm.trim(), "lamd");
     let status = std::fs::read_to_string(format!("{proc}/status")).unwrap();
     let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
     assert_eq!(nspid.split_whitespace().last(), Some("1"), "{nspid}");

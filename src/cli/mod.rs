@@ -103,6 +103,18 @@ fn normalize(mut args: Vec<String>) -> Vec<String> {
     args
 }
 
+/// The hidden roles are started by `execve("/proc/self/exe")`, which names every one of them
+/// `exe` in `ps`, `top` and `pgrep`. Each takes the name an admin looks for.
+fn name_process(cmd: &Cmd) {
+    let name = match cmd {
+        Cmd::Lamd { .. } => c"lamd",
+        Cmd::Helper { .. } => c"lamcr-helper",
+        Cmd::Resume { .. } => c"lamcr",
+        _ => return,
+    };
+    let _ = nix::sys::prctl::set_name(name);
+}
+
 pub fn main() -> i32 {
     let args = normalize(std::env::args().collect());
     let cli = match Cli::try_parse_from(args) {
@@ -120,6 +132,7 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    name_process(&cli.cmd);
     match cli.cmd {
         Cmd::Run(a) => run::main(a),
         Cmd::Checkpoint(a) => checkpoint::main(a),
