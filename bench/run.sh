@@ -5,11 +5,12 @@
 #   (b) forwarding: 1 rank writing 1 GiB through lamcr into /dev/null  vs  the same writer into a pipe
 #       (median of 5, alternating; so is (c))
 #   (c) 4 ranks x 256 MiB through lamcr  vs  4 writers into 4 pipes
+#   (c') stdin: 1 GiB from the launcher's stdin into rank 0  vs  the same bytes into a pipe (no target)
 #   (d) checkpoint: 4 ranks x 256 MiB of touched memory, `lamcr checkpoint`  vs  `criu dump` of the
 #       same holder tree with the same options (median of 5)
 #   (e) restart: `lamcr restart` of that checkpoint until every rank runs  vs  `criu restore -d` of
 #       the raw image (median of 3)
-# Usage: bench/run.sh [--write-readme]   (BENCH_ONLY=launch|forward|ckpt: only (a), (b)-(c) or
+# Usage: bench/run.sh [--write-readme]   (BENCH_ONLY=launch|forward|ckpt: only (a), (b)-(c') or
 # (d)-(e); BENCH_NOSETUP=1: skip set-up and build; BENCH_VERBOSE=1: print every sample)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -75,6 +76,10 @@ say "forward 1 GiB, 1 rank: direct pipe $(awk -v n="$direct" 'BEGIN{printf "%.0f
 # (c) 4 ranks x 256 MiB
 pair_median 'for i in 1 2 3 4; do head -c 268435456 /dev/zero | cat >/dev/null & done; wait' "'$L' run -n 4 head -c 268435456 /dev/zero >/dev/null"
 say "forward 4 x 256 MiB: direct $(awk -v n="$direct" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr $(awk -v n="$through" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr/direct throughput $(ratio "$direct" "$through")"
+
+# stdin: 1 GiB from the launcher's stdin into rank 0 (no target; for the record)
+pair_median 'head -c 1073741824 /dev/zero | cat >/dev/null' "head -c 1073741824 /dev/zero | '$L' run -n 1 sh -c 'exec cat >/dev/null'"
+say "stdin 1 GiB into rank 0: direct $(awk -v n="$direct" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr $(awk -v n="$through" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr/direct throughput $(ratio "$direct" "$through") (no target)"
 
 fi
 

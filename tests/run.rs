@@ -215,6 +215,36 @@ fn large_stdin_is_forwarded_whole() {
     assert_eq!(stdout_of(&o).trim(), (5 << 20).to_string());
 }
 
+/// Binary stdin to several ranks at once: one reads fast, one in 512-byte sips (so lamd must
+/// queue behind its full pipe), one stops reading after 100 bytes and exits (so lamd must drop
+/// the rest and still acknowledge it, or the launcher's window would stall the others).
+#[test]
+fn binary_stdin_reaches_every_chosen_rank_byte_exact() {
+    let env = Env::new();
+    let data: Vec<u8> = (0..6u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let file = env.path("input");
+    std::fs::write(&file, &data).expect("write the input");
+    let f = file.display();
+    let script = format!(
+        "case $LAMCR_RANK in \
+         0) cmp - {f} && echo 0 same;; \
+         1) dd bs=512 status=none | cmp - {f} && echo 1 same;; \
+         2) head -c 100 >/dev/null; echo 2 stopped;; esac"
+    );
+    let o = env.run_with_stdin(
+        &["run", "-n", "3", "--stdin", "all", "sh", "-c", &script],
+        Some(&data),
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(
+        sorted_lines(&stdout_of(&o)),
+        vec!["0 same", "1 same", "2 stopped"]
+    );
+    env.assert_no_leftovers();
+}
+
 #[test]
 fn tagging_labels_timestamps_and_partial_lines() {
     let env = Env::new();

@@ -9,8 +9,9 @@ use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking, socket
 use crate::schema::RankSpec;
 use crate::sys::{Forked, SpawnSpec, fork_in_place, inode_of};
 
-/// Rank pipes are enlarged to this size, so a fast writer makes fewer round trips through lamd.
-const PIPE_SIZE: i32 = 1 << 20;
+/// Rank pipes are enlarged to this size, so a fast writer (or reader, for stdin) makes fewer
+/// round trips through lamd.
+pub(super) const PIPE_SIZE: i32 = 1 << 20;
 /// First holder-side fd number for rank stdio ends.
 const FIRST_RANK_FD: RawFd = 10;
 
@@ -76,6 +77,7 @@ impl Daemon {
             let stderr_fd = alloc(&err_w, &mut fd_map);
             let stdin_fd = if spec.stdin {
                 let (in_r, in_w) = cloexec_pipe()?;
+                let _ = fcntl(&in_w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
                 nonblocking(in_w.as_fd())?;
                 slot.stdin_pipe = Some(inode_of(in_r.as_fd())?);
                 let n = alloc(&in_r, &mut fd_map);

@@ -35,7 +35,8 @@ use nix::unistd::Pid;
 
 use crate::schema::wire::Resumed;
 use crate::schema::wire::{
-    Channel, FrameReader, FromDaemon, MAGIC, Outbox, PROTOCOL_VERSION, Role, ToDaemon, WireError,
+    Channel, FrameReader, FrameRef, FromDaemon, MAGIC, Outbox, PROTOCOL_VERSION, Role, ToDaemon,
+    WireError,
 };
 use crate::schema::{ExitStatus, JobId, NodeId, Rank, RankCr, RankSpec};
 use holder::{HolderCommand, HolderEvent};
@@ -102,7 +103,8 @@ pub(crate) struct Holder {
 pub(crate) struct Slot {
     spec: RankSpec,
     stdin: Option<OwnedFd>,
-    stdin_queue: Vec<u8>,
+    /// Stdin bytes the rank's pipe has not taken yet (at most the launcher's window).
+    stdin_queue: Outbox,
     stdin_eof: bool,
     stdin_closed: bool,
     stdout: Option<OwnedFd>,
@@ -347,7 +349,7 @@ impl Daemon {
                 }
             }
             if let Some(fd) = &slot.stdin {
-                if !slot.stdin_queue.is_empty() {
+                if slot.stdin_queue.pending() > 0 {
                     fds.push(PollFd::new(fd.as_fd(), PollFlags::POLLOUT));
                     srcs.push(Src::In(*rank));
                 }
@@ -428,7 +430,7 @@ impl Daemon {
             .fill(self.launcher.fd.as_fd())
             .map_err(DaemonError::Launcher)?;
         loop {
-            let frame = match self.launcher.reader.next_frame::<ToDaemon>() {
+            let frame = match self.launcher.reader.next_frame_ref::<ToDaemon>() {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(()),
                 Err(WireError::Closed) => return Ok(()),
@@ -440,24 +442,25 @@ impl Daemon {
                 }
             };
             match frame {
-                crate::schema::wire::Frame::Data {
+                FrameRef::Data {
                     rank,
                     channel: Channel::Stdin,
                     bytes,
                 } => {
-                    if let Some(slot) = self.ranks.get_mut(&rank) {
-                        if slot.stdin.is_some() {
-                            slot.stdin_queue.extend_from_slice(&bytes);
-                            continue;
-                        }
+                    // Bytes nobody will read are acknowledged at once, so the launcher's
+                    // window stays open.
+                    let done = match self.ranks.get_mut(&rank) {
+                        Some(slot) => slot.take_stdin(bytes),
+                        None => bytes.len(),
+                    };
+                    if done > 0 {
+                        self.launcher
+                            .out
+                            .push(&FromDaemon::StdinAck { bytes: done as u64 });
                     }
-                    // Nobody reads it: acknowledge at once so the launcher's window stays open.
-                    self.launcher.out.push(&FromDaemon::StdinAck {
-                        bytes: bytes.len() as u64,
-                    });
                 }
-                crate::schema::wire::Frame::Data { .. } => {}
-                crate::schema::wire::Frame::Message(msg) => self.on_launcher_message(msg),
+                FrameRef::Data { .. } => {}
+                FrameRef::Message(msg) => self.on_launcher_message(msg),
             }
         }
     }
@@ -508,9 +511,8 @@ impl Daemon {
             ToDaemon::StdinEof { rank } => {
                 if let Some(slot) = self.ranks.get_mut(&rank) {
                     slot.stdin_eof = true;
-                    if slot.stdin_queue.is_empty() {
-                        slot.stdin = None;
-                        slot.stdin_closed = true;
+                    if slot.stdin_queue.pending() == 0 {
+                        slot.close_stdin();
                     }
                 }
             }
@@ -729,26 +731,7 @@ impl Daemon {
         let Some(slot) = self.ranks.get_mut(&rank) else {
             return;
         };
-        let Some(fd) = &slot.stdin else { return };
-        let mut written = 0usize;
-        match nix::unistd::write(fd.as_fd(), &slot.stdin_queue) {
-            Ok(n) => {
-                slot.stdin_queue.drain(..n);
-                written = n;
-            }
-            Err(Errno::EAGAIN) | Err(Errno::EINTR) => {}
-            Err(_) => {
-                // The rank closed its stdin: discard what it will never read.
-                written = slot.stdin_queue.len();
-                slot.stdin_queue.clear();
-                slot.stdin = None;
-                slot.stdin_closed = true;
-            }
-        }
-        if slot.stdin_queue.is_empty() && slot.stdin_eof {
-            slot.stdin = None;
-            slot.stdin_closed = true;
-        }
+        let written = slot.flush_stdin();
         if written > 0 {
             self.launcher.out.push(&FromDaemon::StdinAck {
                 bytes: written as u64,
@@ -762,7 +745,7 @@ impl Daemon {
             if let (Some(status), false) = (slot.status, slot.reported) {
                 slot.reported = true;
                 slot.stdin = None;
-                slot.stdin_queue.clear();
+                slot.stdin_queue = Outbox::default();
                 self.launcher.out.push(&FromDaemon::RankExited {
                     rank: *rank,
                     status,
@@ -852,7 +835,7 @@ impl Slot {
         Slot {
             spec,
             stdin: None,
-            stdin_queue: Vec::new(),
+            stdin_queue: Outbox::default(),
             stdin_eof: false,
             stdin_closed: false,
             stdout: None,
@@ -878,6 +861,59 @@ impl Slot {
 }
 
 impl Slot {
+    /// Takes stdin bytes from the launcher for this rank. They go into the rank's pipe now when
+    /// nothing is queued before them, and wait in the queue otherwise. Returns how many bytes are
+    /// done with: written, or dropped because the rank will never read them.
+    fn take_stdin(&mut self, bytes: &[u8]) -> usize {
+        let Some(fd) = &self.stdin else {
+            return bytes.len();
+        };
+        if self.stdin_queue.pending() > 0 {
+            self.stdin_queue.buf().extend_from_slice(bytes);
+            return 0;
+        }
+        let written = loop {
+            match nix::unistd::write(fd.as_fd(), bytes) {
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break 0,
+                Err(_) => {
+                    self.close_stdin();
+                    return bytes.len();
+                }
+            }
+        };
+        self.stdin_queue.buf().extend_from_slice(&bytes[written..]);
+        written
+    }
+
+    /// Writes queued stdin bytes the pipe now takes; closes the pipe once the launcher's EOF
+    /// has come and nothing is left. Returns how many bytes are done with.
+    fn flush_stdin(&mut self) -> usize {
+        let Some(fd) = &self.stdin else {
+            return 0;
+        };
+        let before = self.stdin_queue.pending();
+        let done = match self.stdin_queue.flush(fd.as_fd()) {
+            Ok(_) => before - self.stdin_queue.pending(),
+            Err(_) => {
+                // The rank closed its stdin: what it will never read is dropped.
+                self.close_stdin();
+                before
+            }
+        };
+        if self.stdin_queue.pending() == 0 && self.stdin_eof {
+            self.close_stdin();
+        }
+        done
+    }
+
+    fn close_stdin(&mut self) {
+        self.stdin = None;
+        self.stdin_queue = Outbox::default();
+        self.stdin_closed = true;
+    }
+
     /// A rank's output stream: lamd's read end, its byte count and its relay state.
     pub(crate) fn stream(
         &mut self,

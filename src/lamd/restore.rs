@@ -64,7 +64,7 @@ impl Daemon {
                     }
                     let (out_r, out_w) = cloexec_pipe()?;
                     let (err_r, err_w) = cloexec_pipe()?;
-                    let _ = fcntl(&out_w, FcntlArg::F_SETPIPE_SZ(1 << 20));
+                    let _ = fcntl(&out_w, FcntlArg::F_SETPIPE_SZ(super::launch::PIPE_SIZE));
                     nonblocking(out_r.as_fd())?;
                     nonblocking(err_r.as_fd())?;
                     slot.stdout_pipe = crate::sys::inode_of(out_r.as_fd())?;
@@ -77,6 +77,7 @@ impl Daemon {
                     slot.stderr_bytes = *stderr_bytes;
                     if let Some(ino) = stdin_pipe {
                         let (in_r, in_w) = cloexec_pipe()?;
+                        let _ = fcntl(&in_w, FcntlArg::F_SETPIPE_SZ(super::launch::PIPE_SIZE));
                         nonblocking(in_w.as_fd())?;
                         slot.stdin_pipe = Some(crate::sys::inode_of(in_r.as_fd())?);
                         inherit.push((format!("pipe:[{ino}]"), in_r));

@@ -28,8 +28,8 @@ use nix::unistd::Pid;
 
 use crate::handlers::{AsyncHandler, CheckpointContext, Outcome, Request};
 use crate::schema::wire::{
-    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, Outbox, PROTOCOL_VERSION, Part,
-    Role, ToDaemon, ToLauncher, WireError,
+    Channel, Frame, FrameReader, FromDaemon, FromLauncher, MAGIC, MAX_CHUNK, Outbox,
+    PROTOCOL_VERSION, Part, Role, ToDaemon, ToLauncher, WireError,
 };
 use crate::schema::{
     Epoch, ExitStatus, FileEntry, JobSpec, NodeId, NodeImage, Rank, RankImage, RestartPolicy,
@@ -203,6 +203,8 @@ pub struct Launcher {
     interrupts: u32,
     stdin_open: bool,
     stdin_targets: Vec<Rank>,
+    /// Where stdin is read into, one chunk at a time.
+    stdin_buf: Vec<u8>,
     control: UnixListener,
     conns: HashMap<u64, ControlConn>,
     next_conn: u64,
@@ -322,6 +324,11 @@ impl Launcher {
         run_dir.write_info(&info);
         let mut l = Self {
             stdin_open: !stdin_targets.is_empty(),
+            stdin_buf: if stdin_targets.is_empty() {
+                Vec::new()
+            } else {
+                vec![0; MAX_CHUNK]
+            },
             stdin_targets,
             spec,
             opts,
@@ -794,16 +801,15 @@ impl Launcher {
     }
 
     fn on_stdin(&mut self) {
-        let mut buf = vec![0u8; 64 << 10];
+        let buf = &mut self.stdin_buf;
         let n = loop {
-            match nix::unistd::read(std::io::stdin().as_fd(), &mut buf) {
+            match nix::unistd::read(std::io::stdin().as_fd(), buf) {
                 Ok(n) => break n,
                 Err(Errno::EINTR) => continue,
                 Err(_) => break 0,
             }
         };
-        let targets = self.stdin_targets.clone();
-        for rank in targets {
+        for &rank in &self.stdin_targets {
             let node = self.spec.ranks[rank.0 as usize].node;
             let Some(nd) = self.nodes.iter_mut().find(|x| x.id == node) else {
                 continue;
@@ -813,11 +819,13 @@ impl Launcher {
             }
             if n == 0 {
                 nd.out.push(&ToDaemon::StdinEof { rank });
+                let _ = nd.out.flush(nd.fd.as_fd());
             } else {
-                nd.out.push_data(rank, Channel::Stdin, &buf[..n]);
+                let _ = nd
+                    .out
+                    .send_data(nd.fd.as_fd(), rank, Channel::Stdin, &buf[..n]);
                 nd.stdin_inflight += n as u64;
             }
-            let _ = nd.out.flush(nd.fd.as_fd());
         }
         if n == 0 {
             self.stdin_open = false;

@@ -228,6 +228,17 @@ pub enum Frame<M> {
     },
 }
 
+/// A frame whose data bytes are borrowed from the [`FrameReader`].
+#[derive(Debug, PartialEq)]
+pub enum FrameRef<'a, M> {
+    Message(M),
+    Data {
+        rank: Rank,
+        channel: Channel,
+        bytes: &'a [u8],
+    },
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
     #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte cap")]
@@ -420,6 +431,23 @@ impl FrameReader {
 
     /// The next complete frame, if one is buffered.
     pub fn next_frame<M: Decode<()>>(&mut self) -> Result<Option<Frame<M>>, WireError> {
+        Ok(self.next_frame_ref()?.map(|f| match f {
+            FrameRef::Message(m) => Frame::Message(m),
+            FrameRef::Data {
+                rank,
+                channel,
+                bytes,
+            } => Frame::Data {
+                rank,
+                channel,
+                bytes: bytes.to_vec(),
+            },
+        }))
+    }
+
+    /// Like [`next_frame`](Self::next_frame), but a data frame's bytes are lent from the
+    /// reader's buffer instead of copied out (lamd writes stdin straight from it).
+    pub fn next_frame_ref<M: Decode<()>>(&mut self) -> Result<Option<FrameRef<'_, M>>, WireError> {
         let avail = &self.buf[self.start..self.end];
         if avail.len() < 4 {
             return if self.eof && !avail.is_empty() {
@@ -442,24 +470,27 @@ impl FrameReader {
             self.make_room(4 + len - avail.len());
             return Ok(None);
         }
-        let body = &avail[4..4 + len];
+        let at = self.start;
+        self.start += 4 + len;
+        let body = &self.buf[at + 4..at + 4 + len];
         let frame = match body[0] {
-            KIND_MESSAGE => Frame::Message(codec::decode(&body[1..]).map_err(WireError::Message)?),
+            KIND_MESSAGE => {
+                FrameRef::Message(codec::decode(&body[1..]).map_err(WireError::Message)?)
+            }
             KIND_DATA => {
                 if body.len() < 6 {
                     return Err(WireError::BadData);
                 }
                 let rank = Rank(u32::from_le_bytes(body[1..5].try_into().expect("4 bytes")));
                 let channel = Channel::from_byte(body[5]).ok_or(WireError::BadData)?;
-                Frame::Data {
+                FrameRef::Data {
                     rank,
                     channel,
-                    bytes: body[6..].to_vec(),
+                    bytes: &body[6..],
                 }
             }
             k => return Err(WireError::Kind(k)),
         };
-        self.start += 4 + len;
         Ok(Some(frame))
     }
 
@@ -504,6 +535,42 @@ impl Outbox {
             push_data_header(buf, rank, channel, chunk.len());
             buf.extend_from_slice(chunk);
         }
+    }
+
+    /// Sends a data chunk of at most [`MAX_CHUNK`] bytes. When nothing else is queued it goes to
+    /// the fd straight from `bytes` (one `writev` of header and payload); only what the fd does
+    /// not take is copied into the queue.
+    pub fn send_data(
+        &mut self,
+        fd: BorrowedFd<'_>,
+        rank: Rank,
+        channel: Channel,
+        bytes: &[u8],
+    ) -> Result<(), WireError> {
+        if self.pending() > 0 || bytes.len() > MAX_CHUNK {
+            self.push_data(rank, channel, bytes);
+            return self.flush(fd).map(|_| ());
+        }
+        let mut header = Vec::with_capacity(DATA_HEADER);
+        push_data_header(&mut header, rank, channel, bytes.len());
+        let iov = [std::io::IoSlice::new(&header), std::io::IoSlice::new(bytes)];
+        let sent = loop {
+            match nix::sys::uio::writev(fd, &iov) {
+                Ok(n) => break n,
+                Err(Errno::EINTR) => continue,
+                Err(Errno::EAGAIN) => break 0,
+                Err(Errno::EPIPE) | Err(Errno::ECONNRESET) => return Err(WireError::Closed),
+                Err(e) => return Err(WireError::Io(e.into())),
+            }
+        };
+        let buf = self.buf();
+        if sent < header.len() {
+            buf.extend_from_slice(&header[sent..]);
+            buf.extend_from_slice(bytes);
+        } else {
+            buf.extend_from_slice(&bytes[sent - header.len()..]);
+        }
+        Ok(())
     }
 
     /// Writes as much as the fd takes without blocking. Returns true when everything is written.
@@ -612,6 +679,55 @@ mod tests {
             self.buf[self.end..self.end + bytes.len()].copy_from_slice(bytes);
             self.end += bytes.len();
         }
+    }
+
+    /// `send_data` writes straight through while the socket takes it, then queues the rest in
+    /// order, and a message pushed behind it stays behind it.
+    #[test]
+    fn send_data_queues_what_the_socket_does_not_take() {
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socketpair};
+        let (a, b) = socketpair(
+            AddressFamily::Unix,
+            SockType::Stream,
+            None,
+            SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap();
+        let payload: Vec<u8> = (0..MAX_CHUNK).map(|i| (i * 7 + i / 256) as u8).collect();
+        let mut out = Outbox::default();
+        for r in 0..8 {
+            out.send_data(a.as_fd(), Rank(r), Channel::Stdin, &payload)
+                .unwrap();
+        }
+        assert!(
+            out.pending() > 0,
+            "a socket buffer never takes 2 MiB at once"
+        );
+        out.push(&ToDaemon::Kill);
+        let mut reader = FrameReader::new();
+        let mut got = Vec::new();
+        for _ in 0..100_000 {
+            out.flush(a.as_fd()).unwrap();
+            reader.fill(b.as_fd()).unwrap();
+            while let Some(f) = reader.next_frame::<ToDaemon>().unwrap() {
+                got.push(f);
+            }
+            if got.len() == 9 {
+                break;
+            }
+        }
+        assert_eq!(got.len(), 9);
+        for (r, f) in got[..8].iter().enumerate() {
+            assert_eq!(
+                f,
+                &Frame::Data {
+                    rank: Rank(r as u32),
+                    channel: Channel::Stdin,
+                    bytes: payload.clone(),
+                }
+            );
+        }
+        assert_eq!(got[8], Frame::Message(ToDaemon::Kill));
     }
 
     #[test]
