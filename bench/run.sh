@@ -5,7 +5,8 @@
 #   (b) forwarding: 1 rank writing 1 GiB through lamcr into /dev/null  vs  the same writer into a pipe
 #       (median of 5, alternating; so is (c))
 #   (c) 4 ranks x 256 MiB through lamcr  vs  4 writers into 4 pipes
-#   (c') stdin: 1 GiB from the launcher's stdin into rank 0  vs  the same bytes into a pipe (no target)
+#   (c') stderr and stdin: 1 GiB on one rank's stderr, and 1 GiB from the launcher's stdin into
+#        rank 0, each  vs  the same bytes into a pipe (no target)
 #   (d) checkpoint: 4 ranks x 256 MiB of touched memory, `lamcr checkpoint`  vs  `criu dump` of the
 #       same holder tree with the same options (median of 5)
 #   (e) restart: `lamcr restart` of that checkpoint until every rank runs  vs  `criu restore -d` of
@@ -76,6 +77,10 @@ say "forward 1 GiB, 1 rank: direct pipe $(awk -v n="$direct" 'BEGIN{printf "%.0f
 # (c) 4 ranks x 256 MiB
 pair_median 'for i in 1 2 3 4; do head -c 268435456 /dev/zero | cat >/dev/null & done; wait' "'$L' run -n 4 head -c 268435456 /dev/zero >/dev/null"
 say "forward 4 x 256 MiB: direct $(awk -v n="$direct" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr $(awk -v n="$through" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr/direct throughput $(ratio "$direct" "$through")"
+
+# stderr: 1 GiB on one rank's stderr, whose pipe keeps the default 64 KiB (no target; for the record)
+pair_median 'head -c 1073741824 /dev/zero | cat >/dev/null' "'$L' run -n 1 sh -c 'exec head -c 1073741824 /dev/zero >&2' 2>/dev/null"
+say "stderr 1 GiB, 1 rank: direct $(awk -v n="$direct" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr $(awk -v n="$through" 'BEGIN{printf "%.0f", 1024/(n/1e9)}') MiB/s, lamcr/direct throughput $(ratio "$direct" "$through") (no target)"
 
 # stdin: 1 GiB from the launcher's stdin into rank 0 (no target; for the record)
 pair_median 'head -c 1073741824 /dev/zero | cat >/dev/null' "head -c 1073741824 /dev/zero | '$L' run -n 1 sh -c 'exec cat >/dev/null'"
@@ -151,7 +156,9 @@ for i in 1 2 3; do
     cat <&3 >/dev/null || true
     exec 3<&-
 done
-setsid sh -c "for r in 0 1 2 3; do LAMCR_RANK=\$r '$COUNTER' 100000 50 256 0 >/dev/null 2>&1 & done; wait" </dev/null >/dev/null 2>&1 &
+# In a subshell that exits normally and whose stderr is /dev/null, so that bash has no "Killed"
+# to report when CRIU kills the dumped tree.
+( setsid sh -c "for r in 0 1 2 3; do LAMCR_RANK=\$r '$COUNTER' 100000 50 256 0 >/dev/null 2>&1 & done; wait" </dev/null >/dev/null 2>&1; exit 0 ) 2>/dev/null &
 shjob=$!
 for _ in $(seq 200); do
     sh_pid=$(pgrep -f "for r in 0 1 2 3" | head -1 || true)
@@ -161,7 +168,7 @@ done
 wait_touched "$sh_pid"
 rm -rf "$work/raw"; mkdir -p "$work/raw"
 criu dump -t "$sh_pid" -D "$work/raw" --tcp-established --network-lock nftables --ghost-limit 268435456 -o dump.log
-wait "$shjob" || true   # reap the dumped (killed) tree: its pids must be free for the restores
+wait "$shjob" || true   # the dumped (killed) tree is reaped: its pids must be free for the restores
 # ...and its ranks, reparented to init: while any process keeps the session id, that pid is taken.
 for _ in $(seq 500); do pgrep -s "$sh_pid" >/dev/null || break; sleep 0.01; done
 rr=()

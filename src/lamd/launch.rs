@@ -9,9 +9,33 @@ use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking, socket
 use crate::schema::RankSpec;
 use crate::sys::{Forked, SpawnSpec, fork_in_place, inode_of};
 
-/// Rank pipes are enlarged to this size, so a fast writer (or reader, for stdin) makes fewer
-/// round trips through lamd.
-pub(super) const PIPE_SIZE: i32 = 1 << 20;
+/// Rank stdout (and stdin) pipes are enlarged up to this size, so a fast writer (or reader)
+/// makes fewer round trips through lamd (stderr pipes keep the default size)...
+const PIPE_SIZE_MAX: usize = 1 << 20;
+/// ...as long as all of a node's enlarged pipes together stay within this. An unprivileged
+/// user's pipes share one budget (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by default); once
+/// it is spent, enlarging fails and every new pipe of that user, in the job or not, gets two
+/// pages. It also bounds what full pipes can pin in the kernel while a console is slow.
+const PIPE_BUDGET: usize = 32 << 20;
+/// The default size, below which nothing is shrunk.
+const PIPE_SIZE_DEFAULT: usize = 64 << 10;
+
+/// The size to enlarge each of a node's `pipes` rank pipes to, or `None` to leave them at the
+/// default: an equal share of [`PIPE_BUDGET`], a power of two, at most [`PIPE_SIZE_MAX`].
+pub(super) fn pipe_size(pipes: usize) -> Option<i32> {
+    let share = (PIPE_BUDGET / pipes.max(1)).min(PIPE_SIZE_MAX);
+    let size = 1usize << share.ilog2();
+    (size > PIPE_SIZE_DEFAULT).then_some(size as i32)
+}
+
+/// Enlarges a rank pipe (through its write end) to `size`, if given; a refusal (the user's pipe
+/// budget) leaves it as it is. Returns the pipe's capacity.
+pub(super) fn enlarge(w: &OwnedFd, size: Option<i32>) -> usize {
+    if let Some(size) = size {
+        let _ = fcntl(w, FcntlArg::F_SETPIPE_SZ(size));
+    }
+    fcntl(w, FcntlArg::F_GETPIPE_SZ).map_or(PIPE_SIZE_DEFAULT, |c| c as usize)
+}
 /// First holder-side fd number for rank stdio ends.
 const FIRST_RANK_FD: RawFd = 10;
 
@@ -56,6 +80,7 @@ impl Daemon {
         }
         let mut child_ends: Vec<OwnedFd> = Vec::new();
         let mut fd_map: Vec<(RawFd, RawFd)> = Vec::new();
+        let size = pipe_size(ranks.len() + ranks.iter().filter(|r| r.spec.stdin).count());
         let mut holder_ranks = Vec::new();
         let mut next_fd = FIRST_RANK_FD;
         let mut alloc = |fd: &OwnedFd, map: &mut Vec<(RawFd, RawFd)>| {
@@ -68,7 +93,8 @@ impl Daemon {
             let mut slot = Slot::new(spec.clone());
             let (out_r, out_w) = cloexec_pipe()?;
             let (err_r, err_w) = cloexec_pipe()?;
-            let _ = fcntl(&out_w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+            slot.stdout_flow.capacity = enlarge(&out_w, size);
+            slot.stderr_flow.capacity = enlarge(&err_w, None);
             nonblocking(out_r.as_fd())?;
             nonblocking(err_r.as_fd())?;
             slot.stdout_pipe = inode_of(out_r.as_fd())?;
@@ -77,7 +103,7 @@ impl Daemon {
             let stderr_fd = alloc(&err_w, &mut fd_map);
             let stdin_fd = if spec.stdin {
                 let (in_r, in_w) = cloexec_pipe()?;
-                let _ = fcntl(&in_w, FcntlArg::F_SETPIPE_SZ(PIPE_SIZE));
+                let _ = enlarge(&in_w, size);
                 nonblocking(in_w.as_fd())?;
                 slot.stdin_pipe = Some(inode_of(in_r.as_fd())?);
                 let n = alloc(&in_r, &mut fd_map);
@@ -171,5 +197,26 @@ fn start_holder(
     match forked {
         Forked::Parent(pid) => Ok((pid, pid_namespace, ranks)),
         Forked::Child => super::holder::main(ranks),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rank_pipes_share_one_budget() {
+        assert_eq!(pipe_size(1), Some(1 << 20));
+        assert_eq!(pipe_size(32), Some(1 << 20));
+        assert_eq!(pipe_size(33), Some(512 << 10));
+        assert_eq!(pipe_size(128), Some(256 << 10));
+        assert_eq!(pipe_size(256), Some(128 << 10));
+        assert_eq!(pipe_size(512), None, "the default size is left alone");
+        for n in 1..5000 {
+            if let Some(size) = pipe_size(n) {
+                assert!(n * size as usize <= PIPE_BUDGET, "{n} pipes of {size}");
+                assert!((size as usize).is_power_of_two());
+            }
+        }
     }
 }

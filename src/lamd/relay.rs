@@ -138,14 +138,26 @@ impl Stage {
 }
 
 /// Per-stream relay state.
-#[derive(Default)]
 pub(crate) struct Flow {
+    /// The rank pipe's capacity: a hold waits for at most half of it.
+    pub capacity: usize,
     /// Payload of the last frame taken from this stream.
     last: usize,
     /// Not polled until then (coalescing).
     pub hold_until: Option<Instant>,
     /// The current hold has been served: take whatever is there next time.
     held: bool,
+}
+
+impl Default for Flow {
+    fn default() -> Self {
+        Flow {
+            capacity: 64 << 10,
+            last: 0,
+            hold_until: None,
+            held: false,
+        }
+    }
 }
 
 impl Daemon {
@@ -220,7 +232,11 @@ impl Daemon {
         if avail == 0 || !linked {
             return false;
         }
-        if flow.last >= STREAMING && avail < MAX_STAGED / 2 && !flow.held {
+        // Held only while the pipe could still take as much again: a small pipe (stderr, or one
+        // of many ranks' pipes) that a streaming rank keeps full is never held, or the rank would
+        // sit blocked through every hold.
+        let worth = self.stage.max.min(flow.capacity) / 2;
+        if flow.last >= STREAMING && avail < worth && !flow.held {
             flow.held = true;
             flow.hold_until = Some(Instant::now() + HOLD);
             return true;

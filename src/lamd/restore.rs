@@ -7,8 +7,6 @@
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{FcntlArg, fcntl};
-
 use super::dump::{open_dir, tcp_wanted};
 use super::launch::Launching;
 use super::socketpair_for_child;
@@ -37,6 +35,7 @@ impl Daemon {
         }
         let mut inherit: Vec<(String, OwnedFd)> = Vec::new();
         let mut restarted = Vec::new();
+        let size = super::launch::pipe_size(specs.len() + specs.iter().filter(|s| s.stdin).count());
         for spec in specs {
             let rank = spec.rank;
             let mut slot = Slot::new(spec);
@@ -64,7 +63,8 @@ impl Daemon {
                     }
                     let (out_r, out_w) = cloexec_pipe()?;
                     let (err_r, err_w) = cloexec_pipe()?;
-                    let _ = fcntl(&out_w, FcntlArg::F_SETPIPE_SZ(super::launch::PIPE_SIZE));
+                    slot.stdout_flow.capacity = super::launch::enlarge(&out_w, size);
+                    slot.stderr_flow.capacity = super::launch::enlarge(&err_w, None);
                     nonblocking(out_r.as_fd())?;
                     nonblocking(err_r.as_fd())?;
                     slot.stdout_pipe = crate::sys::inode_of(out_r.as_fd())?;
@@ -77,7 +77,7 @@ impl Daemon {
                     slot.stderr_bytes = *stderr_bytes;
                     if let Some(ino) = stdin_pipe {
                         let (in_r, in_w) = cloexec_pipe()?;
-                        let _ = fcntl(&in_w, FcntlArg::F_SETPIPE_SZ(super::launch::PIPE_SIZE));
+                        let _ = super::launch::enlarge(&in_w, size);
                         nonblocking(in_w.as_fd())?;
                         slot.stdin_pipe = Some(crate::sys::inode_of(in_r.as_fd())?);
                         inherit.push((format!("pipe:[{ino}]"), in_r));
