@@ -245,6 +245,32 @@ fn binary_stdin_reaches_every_chosen_rank_byte_exact() {
     env.assert_no_leftovers();
 }
 
+/// Rank 0 leaves a child holding its stdin open without reading it (an asynchronous list's
+/// stdin would be /dev/null, hence fd 7), and exits once lamd holds
+/// stdin queued for it (the node's window is spent on rank 0's full pipe when rank 1 has read
+/// 1 MiB). The queued bytes must be acknowledged when rank 0 is reported, or the launcher's window
+/// would stay closed and rank 1 would never get the rest.
+#[test]
+fn stdin_queued_for_an_exited_rank_does_not_stall_the_others() {
+    let env = Env::new();
+    let data = vec![b'y'; 6 << 20];
+    let mark = env.path("rank1-has-1MiB");
+    let m = mark.display();
+    let script = format!(
+        "case $LAMCR_RANK in \
+         0) exec 7<&0; sleep 60 <&7 7<&- & \
+            for i in $(seq 3000); do [ -e {m} ] && exit 0; sleep 0.01; done; exit 3;; \
+         1) head -c 1048576 >/dev/null; touch {m}; cat >/dev/null; echo 1 done;; esac"
+    );
+    let o = env.run_with_stdin(
+        &["run", "-n", "2", "--stdin", "all", "sh", "-c", &script],
+        Some(&data),
+    );
+    assert!(o.status.success(), "{}", stderr_of(&o));
+    assert_eq!(stdout_of(&o), "1 done\n");
+    env.assert_no_leftovers();
+}
+
 #[test]
 fn tagging_labels_timestamps_and_partial_lines() {
     let env = Env::new();

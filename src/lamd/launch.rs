@@ -9,8 +9,9 @@ use super::{Daemon, DaemonError, Holder, Slot, cloexec_pipe, nonblocking, socket
 use crate::schema::RankSpec;
 use crate::sys::{Forked, SpawnSpec, fork_in_place, inode_of};
 
-/// Rank stdout (and stdin) pipes are enlarged up to this size, so a fast writer (or reader)
-/// makes fewer round trips through lamd (stderr pipes keep the default size)...
+/// Rank stdout pipes are enlarged up to this size, so a fast writer makes fewer round trips
+/// through lamd. stderr pipes keep the default size, and so do stdin pipes: what a rank has not
+/// read from its stdin pipe when it is checkpointed is not in the image (§8 of the design)...
 const PIPE_SIZE_MAX: usize = 1 << 20;
 /// ...as long as all of a node's enlarged pipes together stay within this. An unprivileged
 /// user's pipes share one budget (`/proc/sys/fs/pipe-user-pages-soft`, 64 MiB by default); once
@@ -80,7 +81,7 @@ impl Daemon {
         }
         let mut child_ends: Vec<OwnedFd> = Vec::new();
         let mut fd_map: Vec<(RawFd, RawFd)> = Vec::new();
-        let size = pipe_size(ranks.len() + ranks.iter().filter(|r| r.spec.stdin).count());
+        let size = pipe_size(ranks.len());
         let mut holder_ranks = Vec::new();
         let mut next_fd = FIRST_RANK_FD;
         let mut alloc = |fd: &OwnedFd, map: &mut Vec<(RawFd, RawFd)>| {
@@ -103,7 +104,6 @@ impl Daemon {
             let stderr_fd = alloc(&err_w, &mut fd_map);
             let stdin_fd = if spec.stdin {
                 let (in_r, in_w) = cloexec_pipe()?;
-                let _ = enlarge(&in_w, size);
                 nonblocking(in_w.as_fd())?;
                 slot.stdin_pipe = Some(inode_of(in_r.as_fd())?);
                 let n = alloc(&in_r, &mut fd_map);

@@ -103,7 +103,8 @@ pub(crate) struct Holder {
 pub(crate) struct Slot {
     spec: RankSpec,
     stdin: Option<OwnedFd>,
-    /// Stdin bytes the rank's pipe has not taken yet (at most the launcher's window).
+    /// Stdin bytes the rank's pipe has not taken yet (bounded by the launcher's window, plus
+    /// one chunk per stdin rank of the node).
     stdin_queue: Outbox,
     stdin_eof: bool,
     stdin_closed: bool,
@@ -744,8 +745,15 @@ impl Daemon {
         for (rank, slot) in self.ranks.iter_mut() {
             if let (Some(status), false) = (slot.status, slot.reported) {
                 slot.reported = true;
-                slot.stdin = None;
-                slot.stdin_queue = Outbox::default();
+                // What the rank never read is done with: acknowledged, or the launcher's window
+                // for this node would stay spent (a child of the rank may hold the pipe open).
+                let dropped = slot.stdin_queue.pending();
+                slot.close_stdin();
+                if dropped > 0 {
+                    self.launcher.out.push(&FromDaemon::StdinAck {
+                        bytes: dropped as u64,
+                    });
+                }
                 self.launcher.out.push(&FromDaemon::RankExited {
                     rank: *rank,
                     status,

@@ -35,7 +35,7 @@ impl Daemon {
         }
         let mut inherit: Vec<(String, OwnedFd)> = Vec::new();
         let mut restarted = Vec::new();
-        let size = super::launch::pipe_size(specs.len() + specs.iter().filter(|s| s.stdin).count());
+        let size = super::launch::pipe_size(specs.len());
         for spec in specs {
             let rank = spec.rank;
             let mut slot = Slot::new(spec);
@@ -77,7 +77,6 @@ impl Daemon {
                     slot.stderr_bytes = *stderr_bytes;
                     if let Some(ino) = stdin_pipe {
                         let (in_r, in_w) = cloexec_pipe()?;
-                        let _ = super::launch::enlarge(&in_w, size);
                         nonblocking(in_w.as_fd())?;
                         slot.stdin_pipe = Some(crate::sys::inode_of(in_r.as_fd())?);
                         inherit.push((format!("pipe:[{ino}]"), in_r));

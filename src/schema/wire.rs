@@ -470,9 +470,9 @@ impl FrameReader {
             self.make_room(4 + len - avail.len());
             return Ok(None);
         }
-        let at = self.start;
-        self.start += 4 + len;
-        let body = &self.buf[at + 4..at + 4 + len];
+        // The frame is consumed only once it has decoded: a malformed one stays where it is, so
+        // a caller that goes on reading gets the same error, never the frames behind it.
+        let body = &self.buf[self.start + 4..self.start + 4 + len];
         let frame = match body[0] {
             KIND_MESSAGE => {
                 FrameRef::Message(codec::decode(&body[1..]).map_err(WireError::Message)?)
@@ -491,6 +491,7 @@ impl FrameReader {
             }
             k => return Err(WireError::Kind(k)),
         };
+        self.start += 4 + len;
         Ok(Some(frame))
     }
 
