@@ -37,6 +37,7 @@ pub(super) fn enlarge(w: &OwnedFd, size: Option<i32>) -> usize {
     }
     fcntl(w, FcntlArg::F_GETPIPE_SZ).map_or(PIPE_SIZE_DEFAULT, |c| c as usize)
 }
+
 /// First holder-side fd number for rank stdio ends.
 const FIRST_RANK_FD: RawFd = 10;
 

@@ -139,7 +139,7 @@ impl Stage {
 
 /// Per-stream relay state.
 pub(crate) struct Flow {
-    /// The rank pipe's capacity: a hold waits for at most half of it.
+    /// The rank pipe's capacity: the stream is held only while its pipe is less than half full.
     pub capacity: usize,
     /// Payload of the last frame taken from this stream.
     last: usize,
