@@ -245,11 +245,11 @@ fn binary_stdin_reaches_every_chosen_rank_byte_exact() {
     env.assert_no_leftovers();
 }
 
-/// Rank 0 leaves a child holding its stdin open without reading it (an asynchronous list's
-/// stdin would be /dev/null, hence fd 7), and exits once lamd holds
-/// stdin queued for it (the node's window is spent on rank 0's full pipe when rank 1 has read
-/// 1 MiB). The queued bytes must be acknowledged when rank 0 is reported, or the launcher's window
-/// would stay closed and rank 1 would never get the rest.
+/// Rank 0 leaves a child holding its stdin open without reading it (through fd 7: an
+/// asynchronous list's stdin would be /dev/null), and exits once lamd holds stdin queued for it
+/// (the node's window is spent on rank 0's full pipe by the time rank 1 has read 1 MiB). The
+/// queued bytes must be acknowledged when rank 0 is reported, or the launcher's window would stay
+/// closed and rank 1 would never get the rest.
 #[test]
 fn stdin_queued_for_an_exited_rank_does_not_stall_the_others() {
     let env = Env::new();

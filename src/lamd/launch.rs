@@ -19,7 +19,7 @@ const PIPE_SIZE_MAX: usize = 1 << 20;
 /// pages. It also bounds what full pipes can pin in the kernel while a console is slow.
 const PIPE_BUDGET: usize = 32 << 20;
 /// The default size, below which nothing is shrunk.
-const PIPE_SIZE_DEFAULT: usize = 64 << 10;
+pub(super) const PIPE_SIZE_DEFAULT: usize = 64 << 10;
 
 /// The size to enlarge each of a node's `pipes` rank pipes to, or `None` to leave them at the
 /// default: an equal share of [`PIPE_BUDGET`], a power of two, at most [`PIPE_SIZE_MAX`].
@@ -35,7 +35,12 @@ pub(super) fn enlarge(w: &OwnedFd, size: Option<i32>) -> usize {
     if let Some(size) = size {
         let _ = fcntl(w, FcntlArg::F_SETPIPE_SZ(size));
     }
-    fcntl(w, FcntlArg::F_GETPIPE_SZ).map_or(PIPE_SIZE_DEFAULT, |c| c as usize)
+    capacity(w)
+}
+
+/// A pipe's capacity in bytes.
+pub(super) fn capacity(pipe: &OwnedFd) -> usize {
+    fcntl(pipe, FcntlArg::F_GETPIPE_SZ).map_or(PIPE_SIZE_DEFAULT, |c| c as usize)
 }
 
 /// First holder-side fd number for rank stdio ends.
@@ -96,7 +101,7 @@ impl Daemon {
             let (out_r, out_w) = cloexec_pipe()?;
             let (err_r, err_w) = cloexec_pipe()?;
             slot.stdout_flow.capacity = enlarge(&out_w, size);
-            slot.stderr_flow.capacity = enlarge(&err_w, None);
+            slot.stderr_flow.capacity = capacity(&err_w);
             nonblocking(out_r.as_fd())?;
             nonblocking(err_r.as_fd())?;
             slot.stdout_pipe = inode_of(out_r.as_fd())?;

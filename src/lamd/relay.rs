@@ -152,7 +152,7 @@ pub(crate) struct Flow {
 impl Default for Flow {
     fn default() -> Self {
         Flow {
-            capacity: 64 << 10,
+            capacity: super::launch::PIPE_SIZE_DEFAULT,
             last: 0,
             hold_until: None,
             held: false,

@@ -64,7 +64,7 @@ impl Daemon {
                     let (out_r, out_w) = cloexec_pipe()?;
                     let (err_r, err_w) = cloexec_pipe()?;
                     slot.stdout_flow.capacity = super::launch::enlarge(&out_w, size);
-                    slot.stderr_flow.capacity = super::launch::enlarge(&err_w, None);
+                    slot.stderr_flow.capacity = super::launch::capacity(&err_w);
                     nonblocking(out_r.as_fd())?;
                     nonblocking(err_r.as_fd())?;
                     slot.stdout_pipe = crate::sys::inode_of(out_r.as_fd())?;
